@@ -1,0 +1,161 @@
+//! Bytes in, bytes out: one chunk of NDJSON to one zstd frame and back, and
+//! the content digest.
+//!
+//! Each chunk is an independent zstd frame with its content size and content
+//! checksum in it, so frames can be decoded one at a time (a Range read can
+//! start at any frame) and concatenated frames are a valid zstd stream (a
+//! download can send them untouched with `Content-Encoding: zstd`).
+
+use std::cell::RefCell;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{StorageError, StorageResult};
+
+thread_local! {
+    // A compression context per thread, reused across chunks: creating one
+    // costs more than compressing a small chunk.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
+/// Compresses `raw` as one zstd frame at `level`, with content size and
+/// content checksum.
+pub fn compress(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
+    let fail = |e: std::io::Error| {
+        StorageError::internal("compress", "zstd compression failed").with_source(e)
+    };
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if !matches!(&*slot, Some((l, _)) if *l == level) {
+            let mut c = zstd::bulk::Compressor::new(level).map_err(fail)?;
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                .map_err(fail)?;
+            c.include_contentsize(true).map_err(fail)?;
+            *slot = Some((level, c));
+        }
+        let (_, c) = slot.as_mut().expect("set above");
+        c.compress(raw).map_err(fail)
+    })
+}
+
+/// Decompresses one stored frame that must hold exactly `raw_len` bytes.
+/// A damaged frame, a checksum mismatch or a length mismatch is corrupt.
+pub fn decompress(frame: &[u8], raw_len: usize) -> StorageResult<Vec<u8>> {
+    let out = DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let d = zstd::bulk::Decompressor::new().map_err(|e| {
+                StorageError::internal("decompress", "cannot create a zstd context").with_source(e)
+            })?;
+            *slot = Some(d);
+        }
+        let d = slot.as_mut().expect("set above");
+        // One byte of slack: a frame that holds more than it should fails
+        // the length check below instead of a generic "too small" error.
+        d.decompress(frame, raw_len + 1).map_err(|e| {
+            StorageError::corrupt("decompress", "a stored zstd frame is damaged").with_source(e)
+        })
+    })?;
+    if out.len() != raw_len {
+        return Err(StorageError::corrupt(
+            "decompress",
+            format!(
+                "a stored frame holds {} bytes where {raw_len} were recorded",
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// The content digest of a part: SHA-256, streamed.
+#[derive(Clone, Default)]
+pub struct ContentDigest(Sha256);
+
+impl ContentDigest {
+    /// A digest of nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds bytes, in content order.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    /// The digest as lowercase hex (64 characters).
+    pub fn finish_hex(self) -> String {
+        to_hex(&self.0.finalize())
+    }
+}
+
+/// Lowercase hex of bytes.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_concatenate_into_one_stream() {
+        let a = b"{\"resourceType\":\"Patient\"}\n".repeat(1000);
+        let b = b"{\"resourceType\":\"Encounter\"}\n".repeat(10);
+        let fa = compress(&a, 3).unwrap();
+        let fb = compress(&b, 3).unwrap();
+        assert!(fa.len() < a.len() / 10);
+        assert_eq!(decompress(&fa, a.len()).unwrap(), a);
+        let mut stream = fa.clone();
+        stream.extend_from_slice(&fb);
+        let whole = zstd::stream::decode_all(&stream[..]).unwrap();
+        assert_eq!(whole, [a, b].concat());
+    }
+
+    #[test]
+    fn damage_is_corrupt_never_wrong_bytes() {
+        let raw = b"0123456789abcdef".repeat(4096);
+        let frame = compress(&raw, 3).unwrap();
+        for i in [frame.len() / 2, frame.len() - 2] {
+            let mut bad = frame.clone();
+            bad[i] ^= 0x40;
+            let e = decompress(&bad, raw.len()).unwrap_err();
+            assert!(e.is_corrupt(), "flip at {i}: {e}");
+        }
+        let e = decompress(&frame[..frame.len() - 5], raw.len()).unwrap_err();
+        assert!(e.is_corrupt());
+        assert!(decompress(&frame, raw.len() - 1).unwrap_err().is_corrupt());
+        assert!(decompress(&frame, raw.len() + 1).unwrap_err().is_corrupt());
+    }
+
+    #[test]
+    fn empty_chunk_and_levels() {
+        let f = compress(b"", 3).unwrap();
+        assert_eq!(decompress(&f, 0).unwrap(), b"");
+        let raw = b"abc".repeat(100);
+        for level in [-5, 1, 19, 3] {
+            assert_eq!(
+                decompress(&compress(&raw, level).unwrap(), 300).unwrap(),
+                raw
+            );
+        }
+    }
+
+    #[test]
+    fn digest_is_sha256_hex() {
+        let mut d = ContentDigest::new();
+        d.update(b"ab");
+        d.update(b"c");
+        assert_eq!(
+            d.finish_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,359 @@
+//! The one bridge between async callers and synchronous SQLite work.
+//!
+//! Reads run on Tokio's blocking pool with a connection from an r2d2 pool,
+//! taken and returned inside the blocking call, so no pooled connection is
+//! ever held across an `.await`. Writes go to one dedicated writer thread
+//! that owns the only write connection: writers of this store never contend
+//! for SQLite's lock among themselves, and chunk inserts that queue up are
+//! committed together in one transaction.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{from_pool, from_sqlite, StorageError, StorageResult};
+use crate::options::StoreOptions;
+use crate::{schema, sql};
+
+/// Chunks committed together at most, and their frame bytes at most.
+const BATCH_CHUNKS: usize = 32;
+const BATCH_BYTES: usize = 8 << 20;
+/// Commands that may wait for the writer thread.
+const QUEUE_DEPTH: usize = 64;
+
+type Call = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// One chunk to store, with where to send the outcome.
+pub(crate) struct ChunkInsert {
+    pub part_id: i64,
+    pub seq: u64,
+    pub raw_offset: u64,
+    pub raw_len: u64,
+    pub frame: Vec<u8>,
+    pub ack: oneshot::Sender<StorageResult<()>>,
+}
+
+enum Command {
+    Chunk(ChunkInsert),
+    Call(Call),
+}
+
+/// The database: a read pool and the writer thread.
+pub(crate) struct Db {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    queue: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+    /// Staged parts whose writers were dropped; discarded by the writer
+    /// thread before its next command.
+    discards: std::sync::Arc<Mutex<Vec<i64>>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("pool", &self.pool.state())
+            .finish()
+    }
+}
+
+fn open_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `path`, then
+    /// starts the writer thread and the read pool.
+    pub fn open(path: &Path, options: &StoreOptions) -> StorageResult<Db> {
+        let op = "open";
+        let busy = options.busy_timeout;
+        let mut conn =
+            Connection::open_with_flags(path, open_flags()).map_err(|e| from_sqlite(op, e))?;
+        schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
+        schema::prepare(&mut conn)?;
+
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(open_flags())
+            .with_init(move |c| schema::configure(c, busy));
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(busy.max(Duration::from_secs(1)) * 2)
+            .build(manager)
+            .map_err(|e| from_pool(op, e))?;
+
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let discards = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let staging_retry = options.staging_retry;
+        let thread_discards = discards.clone();
+        let thread = std::thread::Builder::new()
+            .name("export-store-writer".into())
+            .spawn(move || writer_thread(conn, rx, thread_discards, staging_retry))
+            .map_err(|e| {
+                StorageError::internal(op, "cannot start the writer thread").with_source(e)
+            })?;
+        Ok(Db {
+            pool,
+            queue: Some(tx),
+            thread: Some(thread),
+            discards,
+        })
+    }
+
+    /// Runs `f` with a pooled connection on the blocking pool.
+    pub async fn read<T, F>(&self, op: &'static str, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || read_blocking(&pool, op, f))
+            .await
+            .map_err(|e| join_error(op, e))?
+    }
+
+    /// A clone of the read pool, for blocking tasks that read on their own.
+    pub fn pool(&self) -> r2d2::Pool<SqliteConnectionManager> {
+        self.pool.clone()
+    }
+
+    /// Runs `f` on the writer thread with the write connection.
+    pub async fn write<T, F>(&self, op: &'static str, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
+    {
+        let (ack, done) = oneshot::channel();
+        let call: Call = Box::new(move |c| {
+            let _ = ack.send(f(c));
+        });
+        self.sender(op)?
+            .send(Command::Call(call))
+            .await
+            .map_err(|_| writer_gone(op))?;
+        done.await.map_err(|_| writer_gone(op))?
+    }
+
+    /// Stores one chunk through the writer thread; blocks the calling
+    /// (blocking-pool) thread until it is committed or has failed.
+    pub fn stage_chunk_blocking(&self, insert: ChunkInsertArgs) -> StorageResult<()> {
+        let op = "write_chunk";
+        let (ack, done) = oneshot::channel();
+        let cmd = Command::Chunk(ChunkInsert {
+            part_id: insert.part_id,
+            seq: insert.seq,
+            raw_offset: insert.raw_offset,
+            raw_len: insert.raw_len,
+            frame: insert.frame,
+            ack,
+        });
+        self.sender(op)?
+            .blocking_send(cmd)
+            .map_err(|_| writer_gone(op))?;
+        done.blocking_recv().map_err(|_| writer_gone(op))?
+    }
+
+    /// Asks the writer thread to discard a staged part soon, without
+    /// waiting (used from `Drop`).
+    pub fn discard_later(&self, part_id: i64) {
+        if let Ok(mut d) = self.discards.lock() {
+            d.push(part_id);
+        }
+        // Wake the thread if it is idle; a full queue will get to it anyway.
+        if let Some(q) = &self.queue {
+            let _ = q.try_send(Command::Call(Box::new(|_| {})));
+        }
+    }
+
+    fn sender(&self, op: &'static str) -> StorageResult<&mpsc::Sender<Command>> {
+        self.queue.as_ref().ok_or_else(|| writer_gone(op))
+    }
+}
+
+/// The fields of a chunk to stage (the ack channel is made by [`Db`]).
+pub(crate) struct ChunkInsertArgs {
+    pub part_id: i64,
+    pub seq: u64,
+    pub raw_offset: u64,
+    pub raw_len: u64,
+    pub frame: Vec<u8>,
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        // Closing the queue lets the thread finish what is queued and exit.
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `f` with a pooled connection on the current (blocking) thread.
+pub(crate) fn read_blocking<T>(
+    pool: &r2d2::Pool<SqliteConnectionManager>,
+    op: &'static str,
+    f: impl FnOnce(&Connection) -> StorageResult<T>,
+) -> StorageResult<T> {
+    let conn = pool.get().map_err(|e| from_pool(op, e))?;
+    f(&conn)
+}
+
+fn writer_gone(op: &'static str) -> StorageError {
+    StorageError::internal(op, "the store's writer has shut down")
+}
+
+fn join_error(op: &'static str, e: tokio::task::JoinError) -> StorageError {
+    if e.is_cancelled() {
+        StorageError::unavailable(op, "the runtime is shutting down")
+    } else {
+        StorageError::internal(op, "a storage task panicked")
+    }
+}
+
+fn writer_thread(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    discards: std::sync::Arc<Mutex<Vec<i64>>>,
+    staging_retry: Duration,
+) {
+    let mut next: Option<Command> = None;
+    loop {
+        let cmd = match next.take() {
+            Some(c) => c,
+            None => match rx.blocking_recv() {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        discard_dropped(&conn, &discards);
+        match cmd {
+            Command::Call(f) => {
+                // A panicking call drops its ack, which its caller reports;
+                // the thread goes on serving everyone else.
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut conn)));
+            }
+            Command::Chunk(first) => {
+                let mut bytes = first.frame.len();
+                let mut batch = vec![first];
+                while batch.len() < BATCH_CHUNKS && bytes < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(Command::Chunk(c)) => {
+                            bytes += c.frame.len();
+                            batch.push(c);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                insert_batch(&mut conn, batch, staging_retry);
+            }
+        }
+    }
+    discard_dropped(&conn, &discards);
+}
+
+fn discard_dropped(conn: &Connection, discards: &Mutex<Vec<i64>>) {
+    let ids = match discards.lock() {
+        Ok(mut d) if !d.is_empty() => std::mem::take(&mut *d),
+        _ => return,
+    };
+    for id in ids {
+        // Best effort: a discard that fails leaves staging for reclaim.
+        let _ = sql::discard_staged_by_id(conn, id);
+    }
+}
+
+/// Commits a batch of chunks in one transaction, retrying while the
+/// database is busy (another process holds the lock) until `retry_for` has
+/// passed. Chunks of parts that were discarded or finished meanwhile are
+/// answered "not found" without failing the rest.
+fn insert_batch(conn: &mut Connection, batch: Vec<ChunkInsert>, retry_for: Duration) {
+    let op = "write_chunk";
+    let deadline = Instant::now() + retry_for;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match try_insert_batch(conn, &batch) {
+            Ok(outcomes) => {
+                for (c, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = c.ack.send(outcome);
+                }
+                return;
+            }
+            Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+            Err(e) => {
+                let busy = is_busy(&e);
+                let shown = from_sqlite(op, e);
+                for c in batch {
+                    let err = if busy {
+                        StorageError::unavailable(
+                            op,
+                            "the database stayed busy; the part cannot be finalized",
+                        )
+                    } else {
+                        StorageError::new(shown.kind(), op, shown.message().to_string())
+                    };
+                    let _ = c.ack.send(Err(err));
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn try_insert_batch(
+    conn: &mut Connection,
+    batch: &[ChunkInsert],
+) -> rusqlite::Result<Vec<StorageResult<()>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut states: HashMap<i64, Option<bool>> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for c in batch {
+        let state = match states.get(&c.part_id) {
+            Some(s) => *s,
+            None => {
+                let s = sql::part_state(&tx, c.part_id)?;
+                states.insert(c.part_id, s);
+                s
+            }
+        };
+        outcomes.push(match state {
+            Some(false) => {
+                sql::insert_chunk(&tx, c.part_id, c.seq, c.raw_offset, c.raw_len, &c.frame)?;
+                Ok(())
+            }
+            Some(true) => Err(StorageError::invalid(
+                "write_chunk",
+                "the part was already finalized",
+            )),
+            None => Err(StorageError::not_found(
+                "write_chunk",
+                "the staged part was deleted or superseded while it was being written",
+            )),
+        });
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}

@@ -1,0 +1,212 @@
+//! The part reader: an `AsyncRead` of plain NDJSON over a finished part.
+//!
+//! Chunks are fetched one short query at a time (a pooled connection is
+//! taken and returned inside each blocking task) and decompressed on the
+//! blocking pool, `read_ahead` chunks ahead of the consumer. Each chunk's
+//! frame checksum, length and offset are checked as it arrives; the part's
+//! length and SHA-256 are checked when the last chunk arrives, *before* any
+//! of its bytes are handed out. So a damaged part, or one deleted or
+//! replaced while it is read, ends in an error, never in short, mixed or
+//! wrong data reported as success.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use crate::codec::{self, ContentDigest};
+use crate::db::read_blocking;
+use crate::error::{from_sqlite, StorageError, StorageResult};
+use crate::sql::{self, PartRow};
+
+type Pool = r2d2::Pool<SqliteConnectionManager>;
+
+/// One decoded chunk: its raw offset and bytes.
+struct Decoded {
+    raw_offset: u64,
+    bytes: Vec<u8>,
+}
+
+/// Fetches and decodes chunk `seq` of part `part_id`.
+pub(crate) fn fetch_chunk(pool: &Pool, part_id: i64, seq: u64) -> StorageResult<(u64, Vec<u8>)> {
+    let op = "read";
+    let row = read_blocking(pool, op, |c| {
+        let row = sql::chunk(c, part_id, seq).map_err(|e| from_sqlite(op, e))?;
+        if row.is_none() {
+            // Tell a part that went away from one that lost a chunk.
+            let exists = sql::part_state(c, part_id).map_err(|e| from_sqlite(op, e))?;
+            return Err(match exists {
+                None => StorageError::not_found(
+                    op,
+                    "the part was deleted or replaced while it was being read",
+                ),
+                Some(_) => StorageError::corrupt(op, format!("chunk {seq} of the part is missing")),
+            });
+        }
+        Ok(row)
+    })?
+    .expect("checked above");
+    let bytes = codec::decompress(&row.frame, row.raw_len as usize).map_err(|e| e.in_op(op))?;
+    Ok((row.raw_offset, bytes))
+}
+
+/// The reader behind `open_reader`.
+pub(crate) struct PartReader {
+    pool: Pool,
+    runtime: Handle,
+    part: PartRow,
+    label: String,
+    read_ahead: usize,
+    next_fetch: u64,
+    pending: VecDeque<JoinHandle<StorageResult<Decoded>>>,
+    current: Vec<u8>,
+    pos: usize,
+    received: u64,
+    digest: Option<ContentDigest>,
+    failed: Option<(crate::ErrorKind, String)>,
+}
+
+impl PartReader {
+    pub fn new(
+        pool: Pool,
+        runtime: Handle,
+        part: PartRow,
+        label: String,
+        read_ahead: usize,
+    ) -> Self {
+        PartReader {
+            pool,
+            runtime,
+            part,
+            label,
+            read_ahead,
+            next_fetch: 0,
+            pending: VecDeque::new(),
+            current: Vec::new(),
+            pos: 0,
+            received: 0,
+            digest: Some(ContentDigest::new()),
+            failed: None,
+        }
+    }
+
+    fn fill_queue(&mut self) {
+        while self.pending.len() < self.read_ahead && self.next_fetch < self.part.chunk_count {
+            let (pool, id, seq) = (self.pool.clone(), self.part.id, self.next_fetch);
+            self.next_fetch += 1;
+            self.pending.push_back(self.runtime.spawn_blocking(move || {
+                fetch_chunk(&pool, id, seq).map(|(raw_offset, bytes)| Decoded { raw_offset, bytes })
+            }));
+        }
+    }
+
+    fn fail(&mut self, e: StorageError) -> io::Error {
+        self.pending.iter().for_each(|t| t.abort());
+        self.pending.clear();
+        self.failed = Some((e.kind(), e.message().to_string()));
+        e.in_op("read").or_part(&self.label).into()
+    }
+
+    /// Accepts the next decoded chunk after checking its place, and at the
+    /// last chunk the part's length and digest.
+    fn accept(&mut self, d: Decoded) -> Result<(), StorageError> {
+        if d.raw_offset != self.received {
+            return Err(StorageError::corrupt(
+                "read",
+                format!(
+                    "a chunk starts at byte {} where byte {} was expected",
+                    d.raw_offset, self.received
+                ),
+            ));
+        }
+        self.received += d.bytes.len() as u64;
+        let digest = self.digest.as_mut().expect("present until the end");
+        digest.update(&d.bytes);
+        let last = self.pending.is_empty() && self.next_fetch == self.part.chunk_count;
+        if last || self.received > self.part.byte_count {
+            self.verify_end()?;
+        }
+        self.current = d.bytes;
+        self.pos = 0;
+        Ok(())
+    }
+
+    fn verify_end(&mut self) -> Result<(), StorageError> {
+        if self.received != self.part.byte_count {
+            return Err(StorageError::corrupt(
+                "read",
+                format!(
+                    "the part holds {} bytes where {} were recorded",
+                    self.received, self.part.byte_count
+                ),
+            ));
+        }
+        let digest = self.digest.take().expect("verified once").finish_hex();
+        if digest != self.part.digest {
+            return Err(StorageError::corrupt(
+                "read",
+                "the part's content does not match its recorded SHA-256 digest",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for PartReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some((kind, msg)) = &this.failed {
+            let e = StorageError::new(*kind, "read", msg.clone()).with_part(&this.label);
+            return Poll::Ready(Err(e.into()));
+        }
+        loop {
+            if this.pos < this.current.len() {
+                let n = out.remaining().min(this.current.len() - this.pos);
+                out.put_slice(&this.current[this.pos..this.pos + n]);
+                this.pos += n;
+                return Poll::Ready(Ok(()));
+            }
+            this.fill_queue();
+            let Some(task) = this.pending.front_mut() else {
+                // No chunks left; an empty part is verified here.
+                if this.digest.is_some() {
+                    if let Err(e) = this.verify_end() {
+                        return Poll::Ready(Err(this.fail(e)));
+                    }
+                }
+                return Poll::Ready(Ok(()));
+            };
+            let done = ready!(Pin::new(task).poll(cx));
+            this.pending.pop_front();
+            let result = match done {
+                Ok(r) => r,
+                Err(_) => Err(StorageError::internal(
+                    "read",
+                    "a read task panicked or was cancelled",
+                )),
+            };
+            this.fill_queue();
+            if let Err(e) = result.and_then(|d| this.accept(d)) {
+                return Poll::Ready(Err(this.fail(e)));
+            }
+        }
+    }
+}
+
+impl Drop for PartReader {
+    fn drop(&mut self) {
+        for t in &self.pending {
+            t.abort();
+        }
+    }
+}

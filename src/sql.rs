@@ -1,0 +1,393 @@
+//! The SQL statements, as plain synchronous functions over a connection.
+//!
+//! No policy lives here: callers decide transactions, fencing and error
+//! categories. Every function is usable on an in-memory database, which is
+//! how the unit tests below run them.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::key::ExportPartKey;
+
+/// Maps a u64 fencing token into SQLite's i64 so that order is kept across
+/// the whole u64 range (`0 → i64::MIN`, `u64::MAX → i64::MAX`).
+pub fn token_to_sql(token: u64) -> i64 {
+    (token ^ (1 << 63)) as i64
+}
+
+/// The inverse of [`token_to_sql`].
+pub fn token_from_sql(v: i64) -> u64 {
+    (v as u64) ^ (1 << 63)
+}
+
+/// A finished part's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartRow {
+    /// Row id (never reused).
+    pub id: i64,
+    /// The part's fencing token.
+    pub fencing_token: u64,
+    /// Lines recorded at finalize.
+    pub line_count: u64,
+    /// Uncompressed bytes.
+    pub byte_count: u64,
+    /// Compressed payload bytes.
+    pub stored_bytes: u64,
+    /// Number of chunk rows.
+    pub chunk_count: u64,
+    /// Lowercase hex SHA-256 of the content.
+    pub digest: String,
+    /// Unix milliseconds of the finalize commit.
+    pub finalized_at_ms: i64,
+}
+
+/// One stored chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRow {
+    /// Offset of the chunk's first raw byte within the part.
+    pub raw_offset: u64,
+    /// Raw (uncompressed) length.
+    pub raw_len: u64,
+    /// The zstd frame.
+    pub frame: Vec<u8>,
+}
+
+const SLOT: &str = "tenant_id = ?1 AND job_id = ?2 AND file_type = ?3 \
+                    AND resource_type = ?4 AND part_index = ?5";
+
+fn slot_params(key: &ExportPartKey) -> (&str, &str, &str, &str, i64) {
+    (
+        &key.tenant_id,
+        key.job_id.as_str(),
+        &key.file_type,
+        &key.resource_type,
+        key.part_index as i64,
+    )
+}
+
+/// The highest fencing token of any part, staged or finished, in the key's
+/// slot (the key without its token).
+pub fn max_token_in_slot(conn: &Connection, key: &ExportPartKey) -> rusqlite::Result<Option<u64>> {
+    let (t, j, f, r, p) = slot_params(key);
+    let v: Option<i64> = conn
+        .prepare_cached(&format!(
+            "SELECT max(fencing_token) FROM parts WHERE {SLOT}"
+        ))?
+        .query_row(params![t, j, f, r, p], |row| row.get(0))?;
+    Ok(v.map(token_from_sql))
+}
+
+/// Deletes the staged (unfinished) version of exactly this key, if any.
+pub fn discard_staged(conn: &Connection, key: &ExportPartKey) -> rusqlite::Result<usize> {
+    let (t, j, f, r, p) = slot_params(key);
+    conn.prepare_cached(&format!(
+        "DELETE FROM parts WHERE {SLOT} AND fencing_token = ?6 AND finalized = 0"
+    ))?
+    .execute(params![t, j, f, r, p, token_to_sql(key.fencing_token)])
+}
+
+/// Inserts a staged part row and returns its id.
+pub fn insert_staged(conn: &Connection, key: &ExportPartKey, now_ms: i64) -> rusqlite::Result<i64> {
+    let (t, j, f, r, p) = slot_params(key);
+    conn.prepare_cached(
+        "INSERT INTO parts (tenant_id, job_id, file_type, resource_type, part_index,
+             fencing_token, finalized, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7)",
+    )?
+    .execute(params![
+        t,
+        j,
+        f,
+        r,
+        p,
+        token_to_sql(key.fencing_token),
+        now_ms
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Whether a part row exists, and if so whether it is finished.
+pub fn part_state(conn: &Connection, id: i64) -> rusqlite::Result<Option<bool>> {
+    conn.prepare_cached("SELECT finalized FROM parts WHERE id = ?1")?
+        .query_row([id], |r| r.get::<_, i64>(0).map(|f| f == 1))
+        .optional()
+}
+
+/// Stores one chunk of a staged part.
+pub fn insert_chunk(
+    conn: &Connection,
+    part_id: i64,
+    seq: u64,
+    raw_offset: u64,
+    raw_len: u64,
+    frame: &[u8],
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO chunks (part_id, seq, raw_offset, raw_len, frame) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        part_id,
+        seq as i64,
+        raw_offset as i64,
+        raw_len as i64,
+        frame
+    ])?;
+    Ok(())
+}
+
+/// What a staged part holds: raw bytes, stored bytes, chunk count, and
+/// whether its chunks are exactly `0..n` with contiguous offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedTotals {
+    /// Sum of raw lengths.
+    pub raw_bytes: u64,
+    /// Sum of frame lengths.
+    pub stored_bytes: u64,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Sequence numbers run 0..chunks and each chunk starts where the
+    /// previous one ended.
+    pub contiguous: bool,
+}
+
+/// Totals of a part's chunks (see [`StagedTotals`]).
+pub fn chunk_totals(conn: &Connection, part_id: i64) -> rusqlite::Result<StagedTotals> {
+    let (raw, stored, n, max_seq): (i64, i64, i64, Option<i64>) = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(raw_len), 0), coalesce(sum(length(frame)), 0), count(*), max(seq)
+             FROM chunks WHERE part_id = ?1",
+        )?
+        .query_row([part_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+    // A chunk whose offset differs from the sum of the raw lengths before it.
+    let gaps: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM (
+                 SELECT raw_offset, sum(raw_len) OVER (ORDER BY seq ROWS BETWEEN UNBOUNDED PRECEDING
+                     AND 1 PRECEDING) AS before FROM chunks WHERE part_id = ?1)
+             WHERE raw_offset != coalesce(before, 0)",
+        )?
+        .query_row([part_id], |r| r.get(0))?;
+    Ok(StagedTotals {
+        raw_bytes: raw as u64,
+        stored_bytes: stored as u64,
+        chunks: n as u64,
+        contiguous: gaps == 0 && max_seq.map_or(n == 0, |m| m + 1 == n),
+    })
+}
+
+/// Deletes the finished version of exactly this key, if any.
+pub fn delete_finished(conn: &Connection, key: &ExportPartKey) -> rusqlite::Result<usize> {
+    let (t, j, f, r, p) = slot_params(key);
+    conn.prepare_cached(&format!(
+        "DELETE FROM parts WHERE {SLOT} AND fencing_token = ?6 AND finalized = 1"
+    ))?
+    .execute(params![t, j, f, r, p, token_to_sql(key.fencing_token)])
+}
+
+/// The figures recorded when a part is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish<'a> {
+    /// Lines, as the writer counted them.
+    pub line_count: u64,
+    /// Raw bytes.
+    pub byte_count: u64,
+    /// Compressed bytes.
+    pub stored_bytes: u64,
+    /// Chunk rows.
+    pub chunk_count: u64,
+    /// Lowercase hex SHA-256.
+    pub digest: &'a str,
+    /// Unix milliseconds.
+    pub now_ms: i64,
+}
+
+/// Flips a staged part to finished with its figures. Returns rows changed
+/// (0 if the row is gone or already finished).
+pub fn publish(conn: &Connection, id: i64, p: &Publish<'_>) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "UPDATE parts SET finalized = 1, finalized_at_ms = ?2, line_count = ?3, byte_count = ?4,
+             stored_bytes = ?5, chunk_count = ?6, digest = ?7
+         WHERE id = ?1 AND finalized = 0",
+    )?
+    .execute(params![
+        id,
+        p.now_ms,
+        p.line_count as i64,
+        p.byte_count as i64,
+        p.stored_bytes as i64,
+        p.chunk_count as i64,
+        p.digest
+    ])
+}
+
+const PART_COLUMNS: &str = "id, fencing_token, line_count, byte_count, stored_bytes, chunk_count, \
+                            digest, finalized_at_ms";
+
+fn part_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PartRow> {
+    Ok(PartRow {
+        id: r.get(0)?,
+        fencing_token: token_from_sql(r.get(1)?),
+        line_count: r.get::<_, i64>(2)? as u64,
+        byte_count: r.get::<_, i64>(3)? as u64,
+        stored_bytes: r.get::<_, i64>(4)? as u64,
+        chunk_count: r.get::<_, i64>(5)? as u64,
+        digest: r.get(6)?,
+        finalized_at_ms: r.get(7)?,
+    })
+}
+
+/// The finished version of exactly this key.
+pub fn find_finished(conn: &Connection, key: &ExportPartKey) -> rusqlite::Result<Option<PartRow>> {
+    let (t, j, f, r, p) = slot_params(key);
+    conn.prepare_cached(&format!(
+        "SELECT {PART_COLUMNS} FROM parts WHERE {SLOT} AND fencing_token = ?6 AND finalized = 1"
+    ))?
+    .query_row(
+        params![t, j, f, r, p, token_to_sql(key.fencing_token)],
+        part_row,
+    )
+    .optional()
+}
+
+/// The finished part with the highest token in the key's slot (the key's
+/// own token is ignored).
+pub fn find_latest_in_slot(
+    conn: &Connection,
+    key: &ExportPartKey,
+) -> rusqlite::Result<Option<PartRow>> {
+    let (t, j, f, r, p) = slot_params(key);
+    conn.prepare_cached(&format!(
+        "SELECT {PART_COLUMNS} FROM parts WHERE {SLOT} AND finalized = 1
+         ORDER BY fencing_token DESC LIMIT 1"
+    ))?
+    .query_row(params![t, j, f, r, p], part_row)
+    .optional()
+}
+
+/// One chunk of a part by sequence number.
+pub fn chunk(conn: &Connection, part_id: i64, seq: u64) -> rusqlite::Result<Option<ChunkRow>> {
+    conn.prepare_cached(
+        "SELECT raw_offset, raw_len, frame FROM chunks WHERE part_id = ?1 AND seq = ?2",
+    )?
+    .query_row(params![part_id, seq as i64], |r| {
+        Ok(ChunkRow {
+            raw_offset: r.get::<_, i64>(0)? as u64,
+            raw_len: r.get::<_, i64>(1)? as u64,
+            frame: r.get(2)?,
+        })
+    })
+    .optional()
+}
+
+/// Deletes every part (all tokens, staged and finished) of one tenant's job.
+pub fn delete_job(conn: &Connection, tenant: &str, job: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached("DELETE FROM parts WHERE tenant_id = ?1 AND job_id = ?2")?
+        .execute(params![tenant, job])
+}
+
+/// Deletes every part of exactly one tenant.
+pub fn delete_tenant(conn: &Connection, tenant: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached("DELETE FROM parts WHERE tenant_id = ?1")?
+        .execute(params![tenant])
+}
+
+/// Deletes a staged part by id; a finished one is left alone.
+pub fn discard_staged_by_id(conn: &Connection, id: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached("DELETE FROM parts WHERE id = ?1 AND finalized = 0")?
+        .execute([id])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::ExportJobId;
+
+    fn db() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::configure(&c, std::time::Duration::from_secs(1)).unwrap();
+        crate::schema::migrate(&mut c).unwrap();
+        c
+    }
+
+    fn key(token: u64) -> ExportPartKey {
+        ExportPartKey::output("t", ExportJobId::from("j"), "Patient", 0, token)
+    }
+
+    #[test]
+    fn token_mapping_keeps_order_over_the_whole_range() {
+        let tokens = [0, 1, 2, (1 << 63) - 1, 1 << 63, u64::MAX - 1, u64::MAX];
+        for w in tokens.windows(2) {
+            assert!(token_to_sql(w[0]) < token_to_sql(w[1]));
+        }
+        for t in tokens {
+            assert_eq!(token_from_sql(token_to_sql(t)), t);
+        }
+        let c = db();
+        for t in [5, u64::MAX, 0] {
+            insert_staged(&c, &key(t), 1).unwrap();
+        }
+        assert_eq!(max_token_in_slot(&c, &key(0)).unwrap(), Some(u64::MAX));
+    }
+
+    #[test]
+    fn staged_then_published_then_found() {
+        let c = db();
+        let id = insert_staged(&c, &key(3), 10).unwrap();
+        insert_chunk(&c, id, 0, 0, 5, b"abc").unwrap();
+        insert_chunk(&c, id, 1, 5, 2, b"de").unwrap();
+        let t = chunk_totals(&c, id).unwrap();
+        assert_eq!(
+            t,
+            StagedTotals {
+                raw_bytes: 7,
+                stored_bytes: 5,
+                chunks: 2,
+                contiguous: true
+            }
+        );
+        assert_eq!(find_finished(&c, &key(3)).unwrap(), None);
+        let p = Publish {
+            line_count: 1,
+            byte_count: 7,
+            stored_bytes: 5,
+            chunk_count: 2,
+            digest: "d",
+            now_ms: 11,
+        };
+        assert_eq!(publish(&c, id, &p).unwrap(), 1);
+        assert_eq!(publish(&c, id, &p).unwrap(), 0, "already finished");
+        let row = find_finished(&c, &key(3)).unwrap().unwrap();
+        assert_eq!((row.id, row.byte_count, row.fencing_token), (id, 7, 3));
+        assert_eq!(chunk(&c, id, 1).unwrap().unwrap().frame, b"de");
+        assert_eq!(chunk(&c, id, 2).unwrap(), None);
+        assert_eq!(find_latest_in_slot(&c, &key(0)).unwrap().unwrap().id, id);
+    }
+
+    #[test]
+    fn totals_notice_gaps() {
+        let c = db();
+        let id = insert_staged(&c, &key(1), 0).unwrap();
+        insert_chunk(&c, id, 0, 0, 5, b"a").unwrap();
+        insert_chunk(&c, id, 2, 5, 5, b"b").unwrap();
+        assert!(!chunk_totals(&c, id).unwrap().contiguous);
+        let id2 = insert_staged(&c, &key(2), 0).unwrap();
+        insert_chunk(&c, id2, 0, 0, 5, b"a").unwrap();
+        insert_chunk(&c, id2, 1, 6, 5, b"b").unwrap();
+        assert!(!chunk_totals(&c, id2).unwrap().contiguous);
+        let id3 = insert_staged(&c, &key(3), 0).unwrap();
+        assert!(chunk_totals(&c, id3).unwrap().contiguous);
+    }
+
+    #[test]
+    fn deletes_are_scoped() {
+        let c = db();
+        let a = ExportPartKey::output("acme", ExportJobId::from("j"), "P", 0, 1);
+        let b = ExportPartKey::output("acme/research", ExportJobId::from("j"), "P", 0, 1);
+        insert_staged(&c, &a, 0).unwrap();
+        insert_staged(&c, &b, 0).unwrap();
+        assert_eq!(delete_tenant(&c, "acme").unwrap(), 1);
+        assert_eq!(delete_job(&c, "acme/research", "other").unwrap(), 0);
+        assert_eq!(delete_job(&c, "acme/research", "j").unwrap(), 1);
+    }
+}

@@ -1,0 +1,480 @@
+//! [`SqliteOutputStore`]: the `ExportOutputStore` over one SQLite file.
+//!
+//! Orchestration only: validation, then SQL from [`crate::sql`] run through
+//! the bridge in [`crate::db`], with writers and readers from
+//! [`crate::writer`] and [`crate::reader`].
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::io::AsyncRead;
+use tokio::runtime::Handle;
+
+use crate::contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
+use crate::db::Db;
+use crate::error::{from_sqlite, StorageError, StorageResult};
+use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
+use crate::options::StoreOptions;
+use crate::reader::PartReader;
+use crate::sql::{self, PartRow, Publish};
+use crate::url::UrlMinter;
+use crate::writer::{sink_address, PartSink, Registry, SinkConfig};
+
+/// What the store knows about a finished part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartInfo {
+    /// Lines (resources), as the writer counted them.
+    pub line_count: u64,
+    /// Uncompressed NDJSON bytes.
+    pub size_bytes: u64,
+    /// Compressed payload bytes (sum of the stored zstd frames).
+    pub stored_bytes: u64,
+    /// Number of chunks (zstd frames).
+    pub chunk_count: u64,
+    /// Lowercase hex SHA-256 of the uncompressed content.
+    pub digest: String,
+    /// When the part was finalized.
+    pub finalized_at: SystemTime,
+    /// The part's fencing token (useful after a slot look-up).
+    pub fencing_token: u64,
+}
+
+impl From<&PartRow> for PartInfo {
+    fn from(r: &PartRow) -> Self {
+        PartInfo {
+            line_count: r.line_count,
+            size_bytes: r.byte_count,
+            stored_bytes: r.stored_bytes,
+            chunk_count: r.chunk_count,
+            digest: r.digest.clone(),
+            finalized_at: UNIX_EPOCH + Duration::from_millis(r.finalized_at_ms.max(0) as u64),
+            fencing_token: r.fencing_token,
+        }
+    }
+}
+
+/// Shared by every clone of a store and by its live writers and readers.
+struct Core {
+    db: Arc<Db>,
+    registry: Arc<Registry>,
+    options: StoreOptions,
+    urls: UrlMinter,
+    path: PathBuf,
+    // Dropped last: the database is closed before its folder is removed.
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// An `ExportOutputStore` that keeps parts as zstd-compressed chunk rows in
+/// one SQLite file.
+///
+/// Cheap to clone (clones share one database, one writer thread and one
+/// read pool); `Send + Sync`. What a caller may rely on:
+///
+/// - nothing of a part is readable until `finalize_part` returns `Ok`, and
+///   once it has, the part survives a crash of the process or the machine;
+/// - finished parts never change; finalizing a key again swaps the new
+///   version in atomically;
+/// - with fencing on (the default), a part cannot be opened or finalized
+///   while a part in its slot carries a higher token;
+/// - a reader returns the exact bytes written, or an error: never short or
+///   mixed data;
+/// - memory per writer and reader is bounded by a few chunks.
+#[derive(Clone)]
+pub struct SqliteOutputStore {
+    core: Arc<Core>,
+    access_token_required: bool,
+}
+
+impl std::fmt::Debug for SqliteOutputStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteOutputStore")
+            .field("path", &self.core.path)
+            .field("urls", &self.core.urls)
+            .field("access_token_required", &self.access_token_required)
+            .field("options", &self.core.options)
+            .finish()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl SqliteOutputStore {
+    /// Opens (or creates) the store at `path` with default options. URLs are
+    /// minted under `base_url` (`http://` or `https://`).
+    pub fn open(path: impl AsRef<Path>, base_url: &str) -> StorageResult<Self> {
+        Self::open_with(path, base_url, StoreOptions::default())
+    }
+
+    /// Opens (or creates) the store at `path`: checks the options, sets the
+    /// database up and applies pending migrations. A database written by a
+    /// newer schema version is refused.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        base_url: &str,
+        options: StoreOptions,
+    ) -> StorageResult<Self> {
+        Self::build(path.as_ref().to_path_buf(), base_url, options, None)
+    }
+
+    /// A store in a fresh temporary file, removed when the last clone (and
+    /// the last writer or reader) is dropped. For test fixtures.
+    pub fn temporary(base_url: &str) -> StorageResult<Self> {
+        Self::temporary_with(base_url, StoreOptions::default())
+    }
+
+    /// [`temporary`](Self::temporary) with options.
+    pub fn temporary_with(base_url: &str, options: StoreOptions) -> StorageResult<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("export-store-")
+            .tempdir()
+            .map_err(|e| {
+                StorageError::internal("open", "cannot create a temporary folder").with_source(e)
+            })?;
+        let path = dir.path().join("export-store.db");
+        Self::build(path, base_url, options, Some(dir))
+    }
+
+    fn build(
+        path: PathBuf,
+        base_url: &str,
+        options: StoreOptions,
+        temp: Option<tempfile::TempDir>,
+    ) -> StorageResult<Self> {
+        options.validate()?;
+        let urls = UrlMinter::new(base_url, options.signing_key.clone())?;
+        let db = Db::open(&path, &options)?;
+        let access_token_required = options.access_token_required;
+        Ok(SqliteOutputStore {
+            core: Arc::new(Core {
+                db: Arc::new(db),
+                registry: Arc::default(),
+                options,
+                urls,
+                path,
+                _temp: temp,
+            }),
+            access_token_required,
+        })
+    }
+
+    /// This handle with `requires_access_token` set as given for the URLs it
+    /// mints (other clones keep theirs).
+    pub fn with_access_token_required(mut self, required: bool) -> Self {
+        self.access_token_required = required;
+        self
+    }
+
+    /// The base URL download URLs are minted under (no trailing slash).
+    pub fn base_url(&self) -> &str {
+        self.core.urls.base()
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.core.path
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.core.options
+    }
+
+    /// Facts about the finished part under exactly `key`.
+    pub async fn part_info(&self, key: &ExportPartKey) -> StorageResult<PartInfo> {
+        let row = self.finished(key, "part_info").await?;
+        Ok(PartInfo::from(&row))
+    }
+
+    /// The finished part with the highest fencing token in `key`'s slot
+    /// (the key's own token is ignored): what a download route serves. Its
+    /// token is [`PartInfo::fencing_token`].
+    pub async fn latest_in_slot(&self, key: &ExportPartKey) -> StorageResult<PartInfo> {
+        let op = "latest_in_slot";
+        key.validate(op)?;
+        let k = key.clone();
+        let row = self
+            .core
+            .db
+            .read(op, move |c| {
+                sql::find_latest_in_slot(c, &k).map_err(|e| from_sqlite(op, e))
+            })
+            .await
+            .map_err(|e| e.or_part(key.display()))?;
+        row.map(|r| PartInfo::from(&r)).ok_or_else(|| {
+            StorageError::not_found(op, "no finished part in this slot").with_part(key.display())
+        })
+    }
+
+    /// Live (not yet finalized or dropped) writers of this store.
+    pub fn live_writers(&self) -> usize {
+        self.core.registry.len()
+    }
+
+    async fn finished(&self, key: &ExportPartKey, op: &'static str) -> StorageResult<PartRow> {
+        key.validate(op)?;
+        let k = key.clone();
+        let row = self
+            .core
+            .db
+            .read(op, move |c| {
+                sql::find_finished(c, &k).map_err(|e| from_sqlite(op, e))
+            })
+            .await
+            .map_err(|e| e.or_part(key.display()))?;
+        row.ok_or_else(|| {
+            StorageError::not_found(op, "no finished part under this key").with_part(key.display())
+        })
+    }
+}
+
+/// Refuses `key` when fencing is on and its slot holds a higher token.
+fn check_fence(
+    fencing: bool,
+    c: &Connection,
+    key: &ExportPartKey,
+    op: &'static str,
+) -> StorageResult<()> {
+    if !fencing {
+        return Ok(());
+    }
+    let max = sql::max_token_in_slot(c, key).map_err(|e| from_sqlite(op, e))?;
+    match max {
+        Some(t) if t > key.fencing_token => Err(StorageError::conflict(
+            op,
+            format!(
+                "fenced out: a part in this slot carries token {t}, higher than {}",
+                key.fencing_token
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn immediate<'c>(
+    c: &'c mut Connection,
+    op: &'static str,
+) -> StorageResult<rusqlite::Transaction<'c>> {
+    c.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| from_sqlite(op, e))
+}
+
+#[async_trait]
+impl ExportOutputStore for SqliteOutputStore {
+    async fn open_writer(&self, key: &ExportPartKey) -> StorageResult<ExportPartWriter> {
+        let op = "open_writer";
+        key.validate(op)?;
+        let runtime = Handle::try_current().map_err(|_| {
+            StorageError::internal(op, "open_writer must be called inside a Tokio runtime")
+        })?;
+        let fencing = self.core.options.fencing;
+        let k = key.clone();
+        let part_id = self
+            .core
+            .db
+            .write(op, move |c| {
+                let tx = immediate(c, op)?;
+                check_fence(fencing, &tx, &k, op)?;
+                sql::discard_staged(&tx, &k).map_err(|e| from_sqlite(op, e))?;
+                let id = sql::insert_staged(&tx, &k, now_ms()).map_err(|e| from_sqlite(op, e))?;
+                tx.commit().map_err(|e| from_sqlite(op, e))?;
+                Ok(id)
+            })
+            .await
+            .map_err(|e| e.or_part(key.display()))?;
+        let o = &self.core.options;
+        let mut sink = Box::pin(PartSink::new(
+            self.core.db.clone(),
+            self.core.registry.clone(),
+            runtime,
+            part_id,
+            key,
+            SinkConfig {
+                chunk_size: o.chunk_size,
+                level: o.compression_level,
+                in_flight: o.in_flight_chunks,
+            },
+        ));
+        sink.as_mut().register(key);
+        Ok(ExportPartWriter::new(sink))
+    }
+
+    async fn finalize_part(
+        &self,
+        key: &ExportPartKey,
+        mut writer: ExportPartWriter,
+    ) -> StorageResult<FinalizedPart> {
+        use tokio::io::AsyncWriteExt;
+        let op = "finalize_part";
+        key.validate(op)?;
+        let part = || key.display();
+        writer
+            .writer
+            .shutdown()
+            .await
+            .map_err(|e| StorageError::from_io(op, e).in_op(op).or_part(part()))?;
+        let addr = sink_address(&*writer.writer);
+        let Some((part_id, opened_for, sealed)) = self.core.registry.lookup(addr) else {
+            return Err(StorageError::invalid(
+                op,
+                "this writer's sink was not opened by this store (was it replaced?)",
+            )
+            .with_part(part()));
+        };
+        if &opened_for != key {
+            return Err(StorageError::invalid(
+                op,
+                format!(
+                    "the writer was opened for another part ({})",
+                    opened_for.display()
+                ),
+            )
+            .with_part(part()));
+        }
+        let sealed = sealed.expect("a shut-down sink is sealed");
+        if writer.byte_count != sealed.bytes {
+            return Err(StorageError::invalid(
+                op,
+                format!(
+                    "the part is incomplete: the writer reports {} bytes but the store received {}",
+                    writer.byte_count, sealed.bytes
+                ),
+            )
+            .with_part(part()));
+        }
+        let (fencing, k, lines) = (self.core.options.fencing, key.clone(), writer.line_count);
+        self.core
+            .db
+            .write(op, move |c| {
+                // The finalize commit must reach the disk before Ok returns.
+                c.pragma_update(None, "synchronous", "FULL")
+                    .map_err(|e| from_sqlite(op, e))?;
+                let result = (|| {
+                    let tx = immediate(c, op)?;
+                    let fail = |e| from_sqlite(op, e);
+                    match sql::part_state(&tx, part_id).map_err(fail)? {
+                        Some(false) => {}
+                        Some(true) => {
+                            return Err(StorageError::invalid(op, "the part was already finalized"))
+                        }
+                        None => {
+                            return Err(StorageError::not_found(
+                                op,
+                                "the staged part no longer exists (deleted or superseded)",
+                            ))
+                        }
+                    }
+                    let totals = sql::chunk_totals(&tx, part_id).map_err(fail)?;
+                    if totals.raw_bytes != sealed.bytes
+                        || totals.chunks != sealed.chunks
+                        || !totals.contiguous
+                    {
+                        return Err(StorageError::internal(
+                            op,
+                            format!(
+                                "the part is incomplete: {} bytes in {} chunks are stored where \
+                                 {} bytes in {} chunks were written",
+                                totals.raw_bytes, totals.chunks, sealed.bytes, sealed.chunks
+                            ),
+                        ));
+                    }
+                    check_fence(fencing, &tx, &k, op)?;
+                    sql::delete_finished(&tx, &k).map_err(fail)?;
+                    let published = sql::publish(
+                        &tx,
+                        part_id,
+                        &Publish {
+                            line_count: lines,
+                            byte_count: totals.raw_bytes,
+                            stored_bytes: totals.stored_bytes,
+                            chunk_count: totals.chunks,
+                            digest: &sealed.digest,
+                            now_ms: now_ms(),
+                        },
+                    )
+                    .map_err(fail)?;
+                    debug_assert_eq!(published, 1);
+                    tx.commit().map_err(fail)
+                })();
+                let restored = c
+                    .pragma_update(None, "synchronous", "NORMAL")
+                    .map_err(|e| from_sqlite(op, e));
+                result.and(restored)
+            })
+            .await
+            .map_err(|e| e.or_part(part()))?;
+        self.core.registry.mark_published(addr);
+        Ok(FinalizedPart {
+            key: key.clone(),
+            resource_type: key.resource_type.clone(),
+            line_count: writer.line_count,
+            size_bytes: writer.byte_count,
+        })
+    }
+
+    async fn download_url(&self, key: &ExportPartKey, ttl: Duration) -> StorageResult<DownloadUrl> {
+        key.validate("download_url")?;
+        Ok(self.core.urls.mint(key, ttl, self.access_token_required))
+    }
+
+    async fn open_reader(
+        &self,
+        key: &ExportPartKey,
+    ) -> StorageResult<Pin<Box<dyn AsyncRead + Send>>> {
+        let op = "open_reader";
+        let runtime = Handle::try_current().map_err(|_| {
+            StorageError::internal(op, "open_reader must be called inside a Tokio runtime")
+        })?;
+        let row = self.finished(key, op).await?;
+        Ok(Box::pin(PartReader::new(
+            self.core.db.pool(),
+            runtime,
+            row,
+            key.display().to_string(),
+            self.core.options.read_ahead,
+        )))
+    }
+
+    async fn delete_job_outputs(
+        &self,
+        tenant: &TenantContext,
+        job_id: &ExportJobId,
+    ) -> StorageResult<()> {
+        let op = "delete_job_outputs";
+        let t = tenant.tenant_id().as_str().to_string();
+        check_id(op, "tenant id", &t)?;
+        check_id(op, "job id", job_id.as_str())?;
+        let j = job_id.as_str().to_string();
+        self.core
+            .db
+            .write(op, move |c| {
+                let tx = immediate(c, op)?;
+                sql::delete_job(&tx, &t, &j).map_err(|e| from_sqlite(op, e))?;
+                tx.commit().map_err(|e| from_sqlite(op, e))
+            })
+            .await
+    }
+
+    async fn delete_tenant_outputs(&self, tenant_id: &str) -> StorageResult<()> {
+        let op = "delete_tenant_outputs";
+        check_id(op, "tenant id", tenant_id)?;
+        let t = tenant_id.to_string();
+        self.core
+            .db
+            .write(op, move |c| {
+                let tx = immediate(c, op)?;
+                sql::delete_tenant(&tx, &t).map_err(|e| from_sqlite(op, e))?;
+                tx.commit().map_err(|e| from_sqlite(op, e))
+            })
+            .await
+    }
+}
