@@ -40,8 +40,11 @@ mod contract;
 mod db;
 mod error;
 mod key;
+pub mod maintenance;
 mod options;
 mod reader;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod schema;
 pub mod sql;
 mod store;

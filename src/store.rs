@@ -215,6 +215,11 @@ impl SqliteOutputStore {
         })
     }
 
+    /// The database bridge, for the crate's other modules.
+    pub(crate) fn db(&self) -> &Arc<Db> {
+        &self.core.db
+    }
+
     /// Live (not yet finalized or dropped) writers of this store.
     pub fn live_writers(&self) -> usize {
         self.core.registry.len()

@@ -1,1 +1,63 @@
-fn main() {}
+//! `export-store`: run a demo export into a store, serve downloads, check
+//! and clean a store, and compare its speed with the baselines.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+mod ops;
+#[cfg(feature = "server")]
+mod serve;
+
+/// A SQLite store for FHIR bulk-export output.
+#[derive(Parser)]
+#[command(name = "export-store", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a synthetic FHIR R4 export the way HFS does and print its manifest.
+    Demo(demo::Args),
+    /// Serve parts over HTTP at HFS's download route.
+    #[cfg(feature = "server")]
+    Serve(serve::Args),
+    /// Delete staged parts whose writer is gone.
+    Gc(ops::GcArgs),
+    /// Check every finished part and the database's integrity.
+    Verify(ops::VerifyArgs),
+    /// Measure the store beside its baselines and print one table.
+    Bench(bench::Args),
+}
+
+/// The default database path of every command.
+pub const DEFAULT_DB: &str = "./export-store.db";
+
+/// Parses `--db`: any path.
+pub fn db_path(p: &str) -> PathBuf {
+    PathBuf::from(p)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(a) => demo::run(a),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => serve::run(a),
+        Command::Gc(a) => ops::gc(a),
+        Command::Verify(a) => ops::verify(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("export-store: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Operations on a store: reclaiming abandoned staging, verification, space reclamation (being written).

@@ -1,0 +1,1 @@
+//! The HTTP download server (being written).
