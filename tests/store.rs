@@ -1,0 +1,272 @@
+//! Behaviour specific to the SQLite store: the file, URLs, part facts, and
+//! the real Synthea export round-tripping through it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlite_export_store::conformance::read_all;
+use sqlite_export_store::{
+    ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
+};
+
+fn synthea_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-10-patients");
+    assert!(
+        dir.is_dir(),
+        "the Synthea sample is missing: expected it at {}",
+        dir.display()
+    );
+    dir
+}
+
+async fn put(store: &SqliteOutputStore, key: &ExportPartKey, data: &[u8]) {
+    let mut w = store.open_writer(key).await.unwrap();
+    for line in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        w.write_line(std::str::from_utf8(line).unwrap())
+            .await
+            .unwrap();
+    }
+    store.finalize_part(key, w).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn synthea_export_round_trips_file_by_file() {
+    let store = SqliteOutputStore::temporary("http://127.0.0.1:8080").unwrap();
+    let job = ExportJobId::new();
+    let (mut raw, mut stored, mut files) = (0u64, 0u64, 0);
+    let mut entries: Vec<_> = std::fs::read_dir(synthea_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".000.ndjson"))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let data = std::fs::read(&path).unwrap();
+        let ty = path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .split('.')
+            .next()
+            .unwrap()
+            .to_string();
+        let key = ExportPartKey::output("default", job.clone(), ty.clone(), 0, 1);
+        put(&store, &key, &data).await;
+        let back = read_all(&store, &key).await.unwrap();
+        assert!(back == data, "{ty}: bytes differ after the round trip");
+        let info = store.part_info(&key).await.unwrap();
+        assert_eq!(info.size_bytes, data.len() as u64, "{ty}");
+        assert_eq!(
+            info.line_count,
+            data.iter().filter(|b| **b == b'\n').count() as u64,
+            "{ty}"
+        );
+        let want = Sha256::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        assert_eq!(
+            info.digest, want,
+            "{ty}: digest is the SHA-256 of the NDJSON"
+        );
+        assert_eq!(
+            info.chunk_count,
+            (data.len() as u64).div_ceil(1 << 20),
+            "{ty}"
+        );
+        raw += info.size_bytes;
+        stored += info.stored_bytes;
+        files += 1;
+    }
+    assert_eq!(files, 13, "every resource file of the sample");
+    let ratio = raw as f64 / stored as f64;
+    println!(
+        "synthea: {files} files, {raw} bytes of NDJSON stored in {stored} bytes ({ratio:.1}x)"
+    );
+    assert!(
+        ratio >= 12.0,
+        "compression ratio {ratio:.1} below 12x on the Synthea sample"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reopening_the_file_keeps_finished_parts_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let key = ExportPartKey::output("t", ExportJobId::new(), "Patient", 0, 4);
+    let staged = ExportPartKey::output("t", key.job_id.clone(), "Patient", 1, 4);
+    {
+        let store = SqliteOutputStore::open(&path, "http://h").unwrap();
+        put(&store, &key, b"{\"a\":1}\n{\"b\":2}\n").await;
+        let mut w = store.open_writer(&staged).await.unwrap();
+        w.write_line("{\"staged\":true}").await.unwrap();
+        std::mem::forget(w); // a writer that never finishes nor cleans up
+    }
+    let store = SqliteOutputStore::open(&path, "http://h").unwrap();
+    assert_eq!(
+        read_all(&store, &key).await.unwrap(),
+        b"{\"a\":1}\n{\"b\":2}\n"
+    );
+    assert!(read_all(&store, &staged).await.unwrap_err().is_not_found());
+    let info = store.part_info(&key).await.unwrap();
+    assert_eq!(
+        (info.line_count, info.size_bytes, info.fencing_token),
+        (2, 16, 4)
+    );
+}
+
+#[tokio::test]
+async fn urls_follow_the_hfs_route() {
+    let store = SqliteOutputStore::temporary("https://fhir.example.org/r4/").unwrap();
+    let key = ExportPartKey::output("t", ExportJobId::from("job-1"), "Patient", 12, 1);
+    let u = store
+        .download_url(&key, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        u.url,
+        "https://fhir.example.org/r4/export-file/job-1/Patient-12"
+    );
+    assert!(u.requires_access_token);
+    let open = store.clone().with_access_token_required(false);
+    assert!(
+        !open
+            .download_url(&key, Duration::ZERO)
+            .await
+            .unwrap()
+            .requires_access_token
+    );
+    // The flag is per handle: the original still requires a token.
+    assert!(
+        store
+            .download_url(&key, Duration::ZERO)
+            .await
+            .unwrap()
+            .requires_access_token
+    );
+    let opts = StoreOptions::default().with_access_token_required(false);
+    let s2 = SqliteOutputStore::temporary_with("http://h", opts).unwrap();
+    assert!(
+        !s2.download_url(&key, Duration::ZERO)
+            .await
+            .unwrap()
+            .requires_access_token
+    );
+}
+
+#[tokio::test]
+async fn signed_urls_carry_expiry_and_signature() {
+    let opts = StoreOptions::default().with_signing_key(b"a very secret signing key".to_vec());
+    let store = SqliteOutputStore::temporary_with("http://h", opts).unwrap();
+    let key = ExportPartKey::output("t", ExportJobId::from("j"), "Patient", 0, 1);
+    let u = store
+        .download_url(&key, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(!u.requires_access_token);
+    let (path, query) = u
+        .url
+        .strip_prefix("http://h")
+        .unwrap()
+        .split_once('?')
+        .unwrap();
+    assert_eq!(path, "/export-file/j/Patient-0");
+    let expires: u64 = query
+        .split('&')
+        .next()
+        .unwrap()
+        .strip_prefix("expires=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 3590..=now + 3610).contains(&expires),
+        "expiry honours the ttl"
+    );
+    let sig = query.split("signature=").nth(1).unwrap();
+    sqlite_export_store::url::verify(
+        b"a very secret signing key",
+        "GET",
+        "t",
+        path,
+        expires,
+        sig,
+        now,
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn bad_options_and_base_urls_are_invalid_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.db");
+    for opts in [
+        StoreOptions::default().with_chunk_size(0),
+        StoreOptions::default().with_compression_level(99),
+        StoreOptions::default().with_pool_size(0),
+    ] {
+        let e = SqliteOutputStore::open_with(&p, "http://h", opts).unwrap_err();
+        assert!(e.is_invalid_input(), "{e}");
+    }
+    let e = SqliteOutputStore::open(&p, "not a url").unwrap_err();
+    assert!(e.is_invalid_input(), "{e}");
+    assert!(!p.exists(), "nothing is created for invalid options");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_temporary_store_is_removed_with_its_last_clone() {
+    let store = SqliteOutputStore::temporary("http://h").unwrap();
+    let path = store.path().to_path_buf();
+    let key = ExportPartKey::output("t", ExportJobId::new(), "Patient", 0, 1);
+    put(&store, &key, b"{}\n").await;
+    let clone = store.clone();
+    drop(store);
+    assert!(path.exists(), "a clone keeps the file");
+    assert_eq!(read_all(&clone, &key).await.unwrap(), b"{}\n");
+    drop(clone);
+    assert!(
+        !path.exists() && !path.parent().unwrap().exists(),
+        "the file and its folder are gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_parts_report_their_facts() {
+    let store = SqliteOutputStore::temporary_with(
+        "http://h",
+        StoreOptions::default().with_chunk_size(1000),
+    )
+    .unwrap();
+    let key = ExportPartKey::error("t", ExportJobId::new(), "OperationOutcome", 0, 1);
+    let line = format!(
+        "{{\"resourceType\":\"OperationOutcome\",\"issue\":[{}]}}",
+        "{\"severity\":\"error\"},".repeat(20).trim_end_matches(',')
+    );
+    let data = format!("{line}\n").repeat(30);
+    put(&store, &key, data.as_bytes()).await;
+    let info = store.part_info(&key).await.unwrap();
+    assert_eq!(info.size_bytes, data.len() as u64);
+    assert_eq!(info.line_count, 30);
+    assert_eq!(info.chunk_count, (data.len() as u64).div_ceil(1000));
+    assert!(info.stored_bytes > 0 && info.stored_bytes < info.size_bytes);
+    let age = std::time::SystemTime::now()
+        .duration_since(info.finalized_at)
+        .unwrap();
+    assert!(age < Duration::from_secs(60));
+    let staged = ExportPartKey::error("t", key.job_id.clone(), "OperationOutcome", 1, 1);
+    assert!(store.part_info(&staged).await.unwrap_err().is_not_found());
+    let latest = store
+        .latest_in_slot(&ExportPartKey {
+            fencing_token: 0,
+            ..key.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(latest, info);
+}
