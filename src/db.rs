@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{from_pool, from_sqlite, StorageError, StorageResult};
 use crate::options::StoreOptions;
-use crate::{schema, sql};
+use crate::{failpoint, schema, sql};
 
 /// Chunks committed together at most, and their frame bytes at most.
 const BATCH_CHUNKS: usize = 32;
@@ -53,6 +54,9 @@ pub(crate) struct Db {
     /// Staged parts whose writers were dropped; discarded by the writer
     /// thread before its next command.
     discards: std::sync::Arc<Mutex<Vec<i64>>>,
+    /// Set when deletes left free pages: the writer thread gives them back
+    /// in short steps whenever it has nothing else to do.
+    reclaim: std::sync::Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Db {
@@ -80,6 +84,10 @@ impl Db {
             Connection::open_with_flags(path, open_flags()).map_err(|e| from_sqlite(op, e))?;
         schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
         schema::prepare(&mut conn)?;
+        schema::limit_size(&conn, options.max_database_size).map_err(|e| from_sqlite(op, e))?;
+        // Free pages left by a reclamation that a crash interrupted.
+        let (_, _, free) = sql::pages(&conn).map_err(|e| from_sqlite(op, e))?;
+        let reclaim = std::sync::Arc::new(AtomicBool::new(free > 0));
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(open_flags())
@@ -95,9 +103,10 @@ impl Db {
         let discards = std::sync::Arc::new(Mutex::new(Vec::new()));
         let staging_retry = options.staging_retry;
         let thread_discards = discards.clone();
+        let thread_reclaim = reclaim.clone();
         let thread = std::thread::Builder::new()
             .name("export-store-writer".into())
-            .spawn(move || writer_thread(conn, rx, thread_discards, staging_retry))
+            .spawn(move || writer_thread(conn, rx, thread_discards, thread_reclaim, staging_retry))
             .map_err(|e| {
                 StorageError::internal(op, "cannot start the writer thread").with_source(e)
             })?;
@@ -106,6 +115,7 @@ impl Db {
             queue: Some(tx),
             thread: Some(thread),
             discards,
+            reclaim,
         })
     }
 
@@ -174,6 +184,16 @@ impl Db {
         }
     }
 
+    /// Asks the writer thread to give free pages back to the file system in
+    /// short steps when it is idle (see [`crate::maintenance`]), without
+    /// waiting. Writes keep priority: each step is one short transaction.
+    pub fn reclaim_space_soon(&self) {
+        self.reclaim.store(true, Ordering::SeqCst);
+        if let Some(q) = &self.queue {
+            let _ = q.try_send(Command::Call(Box::new(|_| {})));
+        }
+    }
+
     fn sender(&self, op: &'static str) -> StorageResult<&mpsc::Sender<Command>> {
         self.queue.as_ref().ok_or_else(|| writer_gone(op))
     }
@@ -224,15 +244,27 @@ fn writer_thread(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Command>,
     discards: std::sync::Arc<Mutex<Vec<i64>>>,
+    reclaim: std::sync::Arc<AtomicBool>,
     staging_retry: Duration,
 ) {
+    use mpsc::error::TryRecvError;
     let mut next: Option<Command> = None;
     loop {
         let cmd = match next.take() {
             Some(c) => c,
-            None => match rx.blocking_recv() {
-                Some(c) => c,
-                None => break,
+            None => match rx.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty) if reclaim.load(Ordering::SeqCst) => {
+                    if !crate::maintenance::idle_vacuum_step(&conn) {
+                        reclaim.store(false, Ordering::SeqCst);
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Empty) => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                },
+                Err(TryRecvError::Disconnected) => break,
             },
         };
         discard_dropped(&conn, &discards);
@@ -342,6 +374,7 @@ fn try_insert_batch(
         outcomes.push(match state {
             Some(false) => {
                 sql::insert_chunk(&tx, c.part_id, c.seq, c.raw_offset, c.raw_len, &c.frame)?;
+                failpoint::hit("writer.chunk.inserted");
                 Ok(())
             }
             Some(true) => Err(StorageError::invalid(
@@ -354,6 +387,8 @@ fn try_insert_batch(
             )),
         });
     }
+    failpoint::hit("writer.batch.before_commit");
     tx.commit()?;
+    failpoint::hit("writer.batch.after_commit");
     Ok(outcomes)
 }

@@ -38,8 +38,12 @@
 pub mod codec;
 mod contract;
 mod db;
+#[cfg(feature = "server")]
+mod download;
 mod error;
+pub mod failpoint;
 mod key;
+pub mod localfs;
 pub mod maintenance;
 mod options;
 mod reader;
@@ -48,6 +52,7 @@ pub mod server;
 pub mod schema;
 pub mod sql;
 mod store;
+pub mod synthetic;
 pub mod url;
 mod writer;
 
@@ -59,3 +64,8 @@ pub use error::{ErrorKind, StorageError, StorageResult};
 pub use key::{ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_ID_BYTES};
 pub use options::{StoreOptions, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
 pub use store::{PartInfo, SqliteOutputStore};
+
+// The README's examples compile and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

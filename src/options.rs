@@ -28,6 +28,7 @@ pub struct StoreOptions {
     pub(crate) in_flight_chunks: usize,
     pub(crate) read_ahead: usize,
     pub(crate) signing_key: Option<Vec<u8>>,
+    pub(crate) max_database_size: Option<u64>,
 }
 
 impl Default for StoreOptions {
@@ -43,6 +44,7 @@ impl Default for StoreOptions {
             in_flight_chunks: 2,
             read_ahead: 2,
             signing_key: None,
+            max_database_size: None,
         }
     }
 }
@@ -60,6 +62,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("in_flight_chunks", &self.in_flight_chunks)
             .field("read_ahead", &self.read_ahead)
             .field("signing_key", &self.signing_key.as_ref().map(|_| "<set>"))
+            .field("max_database_size", &self.max_database_size)
             .finish()
     }
 }
@@ -129,6 +132,19 @@ impl StoreOptions {
         self
     }
 
+    /// Caps the database file at about `bytes` (SQLite's `max_page_count`,
+    /// rounded down to whole pages; the write-ahead log comes on top), so
+    /// that a runaway export cannot fill the disk. A write that needs more
+    /// fails as an internal error saying the database is full, on the next
+    /// write or at `finalize_part`; nothing partial becomes readable, and the
+    /// same store works again as soon as deletes free space. A cap below the
+    /// file's current size stops its growth there. Default: no cap; at least
+    /// 1 MiB.
+    pub fn with_max_database_size(mut self, bytes: Option<u64>) -> Self {
+        self.max_database_size = bytes;
+        self
+    }
+
     pub(crate) fn validate(&self) -> StorageResult<()> {
         let bad = |m: String| Err(StorageError::invalid("open", m));
         if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
@@ -155,6 +171,9 @@ impl StoreOptions {
         if !(1..=16).contains(&self.read_ahead) {
             return bad("read-ahead must be 1 to 16 chunks".into());
         }
+        if matches!(self.max_database_size, Some(b) if b < 1 << 20) {
+            return bad("a database size cap must be at least 1 MiB".into());
+        }
         if matches!(&self.signing_key, Some(k) if k.len() < 16) {
             return bad("a signing key must be at least 16 bytes".into());
         }
@@ -178,6 +197,7 @@ mod tests {
             StoreOptions::default().with_in_flight_chunks(0),
             StoreOptions::default().with_read_ahead(17),
             StoreOptions::default().with_signing_key(b"short".to_vec()),
+            StoreOptions::default().with_max_database_size(Some(4096)),
         ];
         for o in bad {
             let e = o.validate().unwrap_err();

@@ -37,6 +37,22 @@ pub fn configure(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<
     Ok(())
 }
 
+/// Caps the database at about `max_bytes` on a connection that writes
+/// (`PRAGMA max_page_count`, whole pages of the file's page size); `None`
+/// leaves SQLite's own limit. Returns the cap in pages now in force, which
+/// SQLite raises to the current page count if the file is already larger.
+pub fn limit_size(conn: &Connection, max_bytes: Option<u64>) -> rusqlite::Result<Option<u64>> {
+    let Some(max_bytes) = max_bytes else {
+        return Ok(None);
+    };
+    let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages = (max_bytes / page_size.max(1)).max(1);
+    let set: u64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+        r.get(0)
+    })?;
+    Ok(Some(set))
+}
+
 /// Shapes a new file (page size, incremental auto-vacuum, WAL) and applies
 /// pending migrations. Idempotent.
 pub fn prepare(conn: &mut Connection) -> StorageResult<()> {

@@ -298,6 +298,143 @@ pub fn discard_staged_by_id(conn: &Connection, id: i64) -> rusqlite::Result<usiz
         .execute([id])
 }
 
+/// Where chunk `seq` of a part sits: `(raw_offset, raw_len)`. Reads no
+/// frame bytes, so a Range request can locate its first frame cheaply.
+pub fn chunk_span(conn: &Connection, part_id: i64, seq: u64) -> rusqlite::Result<Option<(u64, u64)>> {
+    conn.prepare_cached("SELECT raw_offset, raw_len FROM chunks WHERE part_id = ?1 AND seq = ?2")?
+        .query_row(params![part_id, seq as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })
+        .optional()
+}
+
+/// Up to `limit` staged (unfinished) parts created at or before `cutoff_ms`,
+/// with ids above `after_id`, in id order.
+pub fn staged_before(
+    conn: &Connection,
+    cutoff_ms: i64,
+    after_id: i64,
+    limit: u32,
+) -> rusqlite::Result<Vec<i64>> {
+    conn.prepare_cached(
+        "SELECT id FROM parts WHERE finalized = 0 AND created_at_ms <= ?1 AND id > ?2
+         ORDER BY id LIMIT ?3",
+    )?
+    .query_map(params![cutoff_ms, after_id, limit], |r| r.get(0))?
+    .collect()
+}
+
+/// Deletes every part (staged or finished) of one tenant's job whose slot
+/// holds a part with a higher fencing token: what stays is, per slot, the
+/// parts under the slot's highest token.
+pub fn delete_superseded(conn: &Connection, tenant: &str, job: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM parts WHERE tenant_id = ?1 AND job_id = ?2 AND fencing_token < (
+             SELECT max(s.fencing_token) FROM parts AS s
+             WHERE s.tenant_id = parts.tenant_id AND s.job_id = parts.job_id
+               AND s.file_type = parts.file_type AND s.resource_type = parts.resource_type
+               AND s.part_index = parts.part_index)",
+    )?
+    .execute(params![tenant, job])
+}
+
+/// Up to `limit` finished parts with ids above `after_id`, in id order,
+/// each with its key.
+pub fn finished_after(
+    conn: &Connection,
+    after_id: i64,
+    limit: u32,
+) -> rusqlite::Result<Vec<(ExportPartKey, PartRow)>> {
+    conn.prepare_cached(&format!(
+        "SELECT {PART_COLUMNS}, tenant_id, job_id, file_type, resource_type, part_index
+         FROM parts WHERE finalized = 1 AND id > ?1 ORDER BY id LIMIT ?2"
+    ))?
+    .query_map(params![after_id, limit], |r| {
+        let row = part_row(r)?;
+        let key = ExportPartKey {
+            tenant_id: r.get(8)?,
+            job_id: crate::key::ExportJobId::from_string(r.get::<_, String>(9)?),
+            file_type: r.get(10)?,
+            resource_type: r.get(11)?,
+            part_index: r.get::<_, i64>(12)? as u32,
+            fencing_token: row.fencing_token,
+        };
+        Ok((key, row))
+    })?
+    .collect()
+}
+
+/// What the database holds, in parts and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Census {
+    /// Finished parts.
+    pub finished_parts: u64,
+    /// Uncompressed bytes of the finished parts.
+    pub finished_bytes: u64,
+    /// Staged (unfinished) parts.
+    pub staged_parts: u64,
+    /// Chunk rows whose part row is missing (never expected: deletes cascade).
+    pub orphan_chunks: u64,
+}
+
+/// Counts parts and orphaned chunks (see [`Census`]).
+pub fn census(conn: &Connection) -> rusqlite::Result<Census> {
+    let (finished_parts, finished_bytes, staged_parts): (i64, i64, i64) = conn
+        .prepare_cached(
+            "SELECT coalesce(sum(finalized = 1), 0), coalesce(sum(CASE WHEN finalized = 1
+                 THEN byte_count END), 0), coalesce(sum(finalized = 0), 0) FROM parts",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let orphan_chunks: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM chunks WHERE NOT EXISTS
+                 (SELECT 1 FROM parts WHERE parts.id = chunks.part_id)",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok(Census {
+        finished_parts: finished_parts as u64,
+        finished_bytes: finished_bytes as u64,
+        staged_parts: staged_parts as u64,
+        orphan_chunks: orphan_chunks as u64,
+    })
+}
+
+/// The file's page size, page count and free-list length, in that order.
+pub fn pages(conn: &Connection) -> rusqlite::Result<(u64, u64, u64)> {
+    let get =
+        |pragma: &str| conn.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get::<_, i64>(0));
+    Ok((
+        get("page_size")? as u64,
+        get("page_count")? as u64,
+        get("freelist_count")? as u64,
+    ))
+}
+
+/// Gives up to `max_pages` free pages back to the file system with
+/// `PRAGMA incremental_vacuum`, in its own transaction unless one is open.
+/// Returns the pages freed. The pragma frees one page per result row, so it
+/// is stepped to completion: a single `execute` would free one page at most.
+pub fn incremental_vacuum(conn: &Connection, max_pages: u32) -> rusqlite::Result<u64> {
+    let mut stmt =
+        conn.prepare_cached(&format!("PRAGMA incremental_vacuum({})", max_pages.max(1)))?;
+    let mut rows = stmt.query([])?;
+    let mut freed = 0;
+    while rows.next()?.is_some() {
+        freed += 1;
+    }
+    Ok(freed)
+}
+
+/// Lines of `PRAGMA integrity_check` that are not `ok`, at most `max`: empty
+/// when the database is sound.
+pub fn integrity_problems(conn: &Connection, max: u32) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(&format!("PRAGMA integrity_check({})", max.max(1)))?;
+    let lines = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(lines.into_iter().filter(|l| l != "ok").collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,6 +514,67 @@ mod tests {
         assert!(!chunk_totals(&c, id2).unwrap().contiguous);
         let id3 = insert_staged(&c, &key(3), 0).unwrap();
         assert!(chunk_totals(&c, id3).unwrap().contiguous);
+    }
+
+    #[test]
+    fn superseded_parts_go_and_the_highest_token_per_slot_stays() {
+        let c = db();
+        let slot = |idx: u32, token: u64| {
+            ExportPartKey::output("t", ExportJobId::from("j"), "Patient", idx, token)
+        };
+        let old0 = insert_staged(&c, &slot(0, 1), 0).unwrap();
+        let new0 = insert_staged(&c, &slot(0, 2), 0).unwrap();
+        let only1 = insert_staged(&c, &slot(1, 1), 0).unwrap();
+        let other = insert_staged(
+            &c,
+            &ExportPartKey::output("t", ExportJobId::from("k"), "Patient", 0, 1),
+            0,
+        )
+        .unwrap();
+        insert_staged(&c, &slot(0, 3), 0).unwrap();
+        assert_eq!(delete_superseded(&c, "t", "j").unwrap(), 2);
+        for (id, kept) in [(old0, false), (new0, false), (only1, true), (other, true)] {
+            assert_eq!(part_state(&c, id).unwrap().is_some(), kept, "part {id}");
+        }
+    }
+
+    #[test]
+    fn staged_listing_census_and_vacuum_step() {
+        let c = db();
+        let a = insert_staged(&c, &key(1), 100).unwrap();
+        let b = insert_staged(&c, &key(2), 200).unwrap();
+        assert_eq!(staged_before(&c, 150, 0, 10).unwrap(), vec![a]);
+        assert_eq!(staged_before(&c, 250, a, 10).unwrap(), vec![b]);
+        insert_chunk(&c, b, 0, 0, 3, b"abc").unwrap();
+        publish(
+            &c,
+            b,
+            &Publish {
+                line_count: 1,
+                byte_count: 3,
+                stored_bytes: 3,
+                chunk_count: 1,
+                digest: "d",
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let census = census(&c).unwrap();
+        assert_eq!(
+            (
+                census.finished_parts,
+                census.finished_bytes,
+                census.staged_parts,
+                census.orphan_chunks
+            ),
+            (1, 3, 1, 0)
+        );
+        let listed = finished_after(&c, 0, 10).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].0.clone(), listed[0].1.id), (key(2), b));
+        assert!(integrity_problems(&c, 10).unwrap().is_empty());
+        // An in-memory database without auto-vacuum frees nothing, and says so.
+        assert_eq!(incremental_vacuum(&c, 10).unwrap(), 0);
     }
 
     #[test]

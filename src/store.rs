@@ -17,6 +17,7 @@ use tokio::runtime::Handle;
 use crate::contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
 use crate::db::Db;
 use crate::error::{from_sqlite, StorageError, StorageResult};
+use crate::failpoint;
 use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
 use crate::options::StoreOptions;
 use crate::reader::PartReader;
@@ -220,6 +221,11 @@ impl SqliteOutputStore {
         &self.core.db
     }
 
+    /// The registry of this store's live writers, for the crate's other modules.
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.core.registry
+    }
+
     /// Live (not yet finalized or dropped) writers of this store.
     pub fn live_writers(&self) -> usize {
         self.core.registry.len()
@@ -291,6 +297,7 @@ impl ExportOutputStore for SqliteOutputStore {
                 check_fence(fencing, &tx, &k, op)?;
                 sql::discard_staged(&tx, &k).map_err(|e| from_sqlite(op, e))?;
                 let id = sql::insert_staged(&tx, &k, now_ms()).map_err(|e| from_sqlite(op, e))?;
+                failpoint::hit("open_writer.before_commit");
                 tx.commit().map_err(|e| from_sqlite(op, e))?;
                 Ok(id)
             })
@@ -408,7 +415,10 @@ impl ExportOutputStore for SqliteOutputStore {
                     )
                     .map_err(fail)?;
                     debug_assert_eq!(published, 1);
-                    tx.commit().map_err(fail)
+                    failpoint::hit("finalize.before_commit");
+                    tx.commit().map_err(fail)?;
+                    failpoint::hit("finalize.after_commit");
+                    Ok(())
                 })();
                 let restored = c
                     .pragma_update(None, "synchronous", "NORMAL")
@@ -464,9 +474,16 @@ impl ExportOutputStore for SqliteOutputStore {
             .write(op, move |c| {
                 let tx = immediate(c, op)?;
                 sql::delete_job(&tx, &t, &j).map_err(|e| from_sqlite(op, e))?;
-                tx.commit().map_err(|e| from_sqlite(op, e))
+                failpoint::hit("delete.before_commit");
+                tx.commit().map_err(|e| from_sqlite(op, e))?;
+                failpoint::hit("delete.after_commit");
+                Ok(())
             })
-            .await
+            .await?;
+        // Space comes back in short steps once the writer is idle, after
+        // this call has returned.
+        self.core.db.reclaim_space_soon();
+        Ok(())
     }
 
     async fn delete_tenant_outputs(&self, tenant_id: &str) -> StorageResult<()> {
@@ -478,8 +495,13 @@ impl ExportOutputStore for SqliteOutputStore {
             .write(op, move |c| {
                 let tx = immediate(c, op)?;
                 sql::delete_tenant(&tx, &t).map_err(|e| from_sqlite(op, e))?;
-                tx.commit().map_err(|e| from_sqlite(op, e))
+                failpoint::hit("delete.before_commit");
+                tx.commit().map_err(|e| from_sqlite(op, e))?;
+                failpoint::hit("delete.after_commit");
+                Ok(())
             })
-            .await
+            .await?;
+        self.core.db.reclaim_space_soon();
+        Ok(())
     }
 }

@@ -79,6 +79,11 @@ impl Registry {
         })
     }
 
+    /// The staged part ids of the live writers.
+    pub fn live_part_ids(&self) -> Vec<i64> {
+        self.with(|m| m.values().map(|r| r.part_id).collect())
+    }
+
     /// Live writers.
     pub fn len(&self) -> usize {
         self.with(|m| m.len())

@@ -1,12 +1,733 @@
-//! `export-store bench` (being written).
+//! `export-store bench`: the store beside its baselines, in one table.
+//!
+//! Runs the comparisons of `cargo bench --bench store` quickly, without
+//! criterion: a few repetitions of each, contenders interleaved so that
+//! noise falls on all of them alike, medians reported. Every ratio is taken
+//! between figures of the same run. `--memory-gib N` instead writes and
+//! reads back one part of N GiB and reports the process's peak RSS (run it
+//! under `/usr/bin/time -v` to confirm).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlite_export_store::{ExportJobId, ExportOutputStore, StoreOptions, DEFAULT_CHUNK_SIZE};
+
+mod workload;
+
+use workload::{
+    codec_run, delete_job, fill_job, hfs_parts, key, mb_per_s, quantile, read_part, sha256_run,
+    write_concurrently, write_part, BenchResult, Contenders, Corpus, Part, Which, HFS_BATCH,
+    READ_BUFFER,
+};
 
 /// Arguments of `export-store bench`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// NDJSON per part in the write and read comparisons, in MiB.
+    #[arg(long, default_value_t = 64)]
+    size_mib: u64,
+    /// Fewer repetitions and fewer small parts (about a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of each throughput figure (default 5, or 3 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Folder for the database and the baseline's files (default: the
+    /// system's temporary folder). Put it on the disk you want measured.
+    #[arg(long)]
+    db_dir: Option<PathBuf>,
+    /// A Synthea bulk-export folder (`*.ndjson`); default
+    /// `$EXPORT_STORE_SYNTHEA` or the sample beside this crate.
+    #[arg(long)]
+    synthea: Option<PathBuf>,
+    /// Which data: `synthea`, `synthetic` or `both`.
+    #[arg(long, default_value = "both")]
+    data: String,
+    /// Comma-separated groups to run: write, concurrent, read, small,
+    /// delete, ratio (default: all).
+    #[arg(long)]
+    groups: Option<String>,
+    /// HFS-shaped parts (1,000 resources each) timed per store in the
+    /// latency comparison (default 100, or 30 with --quick).
+    #[arg(long)]
+    small_parts: Option<usize>,
+    /// Instead of the table: write then read one part of this many GiB and
+    /// report throughput and the process's peak RSS.
+    #[arg(long)]
+    memory_gib: Option<u64>,
+    /// Store option: raw KiB per chunk (default: the store's default).
+    #[arg(long)]
+    chunk_kib: Option<usize>,
+    /// Store option: chunks in flight per writer.
+    #[arg(long)]
+    in_flight: Option<usize>,
+    /// Store option: chunks read ahead per reader.
+    #[arg(long)]
+    read_ahead: Option<usize>,
+    /// Store option: zstd level.
+    #[arg(long, default_value_t = 3)]
+    level: i32,
+}
 
 /// Runs the command.
-pub fn run(_args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    Err("not implemented yet".into())
+pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(main(args))
+        .map_err(|e| -> Box<dyn std::error::Error> { e })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Plan {
+    size: u64,
+    reps: usize,
+    small_parts: usize,
+    chunk: usize,
+    level: i32,
+    options: StoreOptions,
+    dir: PathBuf,
+    groups: Vec<String>,
+}
+
+impl Plan {
+    fn runs(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+}
+
+async fn main(args: Args) -> BenchResult<()> {
+    let mut options = StoreOptions::default().with_compression_level(args.level);
+    let chunk = args.chunk_kib.map_or(DEFAULT_CHUNK_SIZE, |k| k * 1024);
+    options = options.with_chunk_size(chunk);
+    if let Some(n) = args.in_flight {
+        options = options.with_in_flight_chunks(n);
+    }
+    if let Some(n) = args.read_ahead {
+        options = options.with_read_ahead(n);
+    }
+    let dir = args.db_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let synthea_dir = args
+        .synthea
+        .clone()
+        .unwrap_or_else(workload::default_synthea_dir);
+    println!("{}", machine_line());
+
+    let mut corpora = Vec::new();
+    if args.data == "synthea" || args.data == "both" {
+        match Corpus::synthea(&synthea_dir) {
+            Ok(c) => corpora.push(Arc::new(c)),
+            Err(e) if args.data == "both" => println!("(no Synthea sample: {e})"),
+            Err(e) => return Err(e),
+        }
+    }
+    if args.data == "synthetic" || args.data == "both" {
+        corpora.push(Arc::new(Corpus::synthetic(42, 16 << 20)));
+    }
+    if corpora.is_empty() {
+        return Err(format!("--data {} names no data set", args.data).into());
+    }
+
+    if let Some(gib) = args.memory_gib {
+        return memory_check(&corpora[0], gib << 30, options, &dir).await;
+    }
+
+    let all = "write,concurrent,read,small,delete,ratio";
+    let plan = Plan {
+        size: args.size_mib << 20,
+        reps: args.reps.unwrap_or(if args.quick { 3 } else { 5 }).max(1),
+        small_parts: args
+            .small_parts
+            .unwrap_or(if args.quick { 30 } else { 100 })
+            .max(1),
+        chunk,
+        level: args.level,
+        options,
+        dir,
+        groups: args
+            .groups
+            .as_deref()
+            .unwrap_or(all)
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect(),
+    };
+    println!(
+        "store: {} KiB chunks, zstd {}, {:?}; files in {}",
+        plan.chunk >> 10,
+        plan.level,
+        plan.options,
+        plan.dir.display()
+    );
+    for c in &corpora {
+        println!(
+            "data {}: {:.1} MiB sample, {} lines, repeated to size",
+            c.name,
+            c.len() as f64 / (1 << 20) as f64,
+            c.line_count()
+        );
+    }
+    println!(
+        "median of {} runs per figure; MB/s = 10^6 bytes of NDJSON per second\n",
+        plan.reps
+    );
+
+    let mut table = Table::default();
+    let mut compress_rate = None;
+    for corpus in &corpora {
+        let rate = write_group(&plan, corpus, &mut table).await?;
+        compress_rate = compress_rate.or(rate);
+    }
+    let primary = &corpora[0];
+    if plan.runs("concurrent") {
+        concurrent_group(&plan, primary, compress_rate, &mut table).await?;
+    }
+    if plan.runs("read") {
+        for corpus in &corpora {
+            read_group(&plan, corpus, &mut table).await?;
+        }
+    }
+    if plan.runs("small") {
+        small_group(&plan, primary, &mut table).await?;
+    }
+    if plan.runs("delete") {
+        delete_group(&plan, primary, &mut table).await?;
+    }
+    if plan.runs("ratio") && primary.name == "synthea" {
+        ratio_group(&plan, &synthea_dir, &mut table).await?;
+    }
+    table.row(
+        "memory",
+        "peak RSS of this run (VmHWM)",
+        format!("{:.1} MiB", peak_rss_mib()),
+        "",
+        "",
+    );
+    table.print();
+    println!("\n{}", load_line());
+    println!("\ntargets:");
+    for t in &table.targets {
+        println!("  {t}");
+    }
+    Ok(())
+}
+
+/// One contender's figures over the repetitions.
+#[derive(Default)]
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn median(&self) -> Duration {
+        quantile(&self.0, 0.5)
+    }
+    fn spread(&self, bytes: u64) -> String {
+        let lo = self.0.iter().max().copied().unwrap_or_default();
+        let hi = self.0.iter().min().copied().unwrap_or_default();
+        format!("{:.0}–{:.0}", mb_per_s(bytes, lo), mb_per_s(bytes, hi))
+    }
+}
+
+async fn timed_write(
+    c: &Contenders,
+    which: Which,
+    part: &Part,
+) -> BenchResult<(Duration, ExportJobId)> {
+    let job = ExportJobId::new();
+    let t = Instant::now();
+    write_part(c.get(which), &key(&job, 0), part).await?;
+    Ok((t.elapsed(), job))
+}
+
+/// Write one part; returns the single-thread compression rate (bytes/s).
+async fn write_group(
+    plan: &Plan,
+    corpus: &Arc<Corpus>,
+    table: &mut Table,
+) -> BenchResult<Option<f64>> {
+    let part = corpus.part_of_size(plan.size);
+    let bytes = part.bytes();
+    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    let (mut ceiling, mut sha) = (Samples::default(), Samples::default());
+    let mut by = [Samples::default(), Samples::default(), Samples::default()];
+    let order = [Which::Store, Which::Fs, Which::FsSync];
+    if !plan.runs("write") {
+        // The concurrent group still needs the compression rate.
+        for _ in 0..plan.reps {
+            ceiling
+                .0
+                .push(codec_run(&part, plan.chunk, plan.level, false).compress);
+        }
+        return Ok(Some(bytes as f64 / ceiling.median().as_secs_f64()));
+    }
+    for _ in 0..plan.reps {
+        ceiling
+            .0
+            .push(codec_run(&part, plan.chunk, plan.level, false).compress);
+        sha.0.push(sha256_run(&part));
+        for (i, w) in order.iter().enumerate() {
+            let (d, job) = timed_write(&c, *w, &part).await?;
+            by[i].0.push(d);
+            delete_job(c.get(*w), &job).await?;
+        }
+    }
+    let group = format!("write 1 part, {} MiB {}", bytes >> 20, corpus.name);
+    let ceil = ceiling.median();
+    let sync = by[2].median();
+    table.row(
+        &group,
+        "zstd-3 compress, 1 thread (ceiling)",
+        mbs(bytes, ceil, &ceiling),
+        "1.00×",
+        ratio(sync, ceil),
+    );
+    table.row(
+        &group,
+        "SHA-256, 1 thread (reference)",
+        mbs(bytes, sha.median(), &sha),
+        ratio(ceil, sha.median()),
+        "",
+    );
+    for (i, w) in order.iter().enumerate() {
+        let m = by[i].median();
+        table.row(
+            &group,
+            w.label(),
+            mbs(bytes, m, &by[i]),
+            ratio(ceil, m),
+            ratio(sync, m),
+        );
+    }
+    let store = by[0].median();
+    table.target(
+        &format!("write 1 part ({}) ≥ 0.90× zstd-3 1 thread", corpus.name),
+        ceil.as_secs_f64() / store.as_secs_f64(),
+        0.90,
+    );
+    table.target(
+        &format!("write 1 part ({}) ≥ 2.5× local fs + fsync", corpus.name),
+        sync.as_secs_f64() / store.as_secs_f64(),
+        2.5,
+    );
+    Ok(Some(bytes as f64 / ceil.as_secs_f64()))
+}
+
+async fn concurrent_group(
+    plan: &Plan,
+    corpus: &Arc<Corpus>,
+    compress_rate: Option<f64>,
+    table: &mut Table,
+) -> BenchResult<()> {
+    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    for n in [4usize, 16] {
+        let each = plan.size / n as u64;
+        let parts: Vec<Part> = (0..n)
+            .map(|i| corpus.part_of_size_from(i * corpus.line_count() / n, each))
+            .collect();
+        let bytes: u64 = parts.iter().map(Part::bytes).sum();
+        let order = [Which::Store, Which::Fs, Which::FsSync];
+        let mut by = [Samples::default(), Samples::default(), Samples::default()];
+        for _ in 0..plan.reps {
+            for (i, w) in order.iter().enumerate() {
+                let (d, job) = write_concurrently(c.shared(*w), &parts).await?;
+                by[i].0.push(d);
+                delete_job(c.get(*w), &job).await?;
+            }
+        }
+        let group = format!(
+            "write {n} parts at once, {} MiB {}",
+            bytes >> 20,
+            corpus.name
+        );
+        let sync = by[2].median();
+        let ceil = compress_rate.map(|r| Duration::from_secs_f64(bytes as f64 / r));
+        for (i, w) in order.iter().enumerate() {
+            let m = by[i].median();
+            let vs_ceiling = ceil.map(|c| ratio(c, m)).unwrap_or_default();
+            table.row(
+                &group,
+                w.label(),
+                mbs(bytes, m, &by[i]),
+                vs_ceiling,
+                ratio(sync, m),
+            );
+        }
+        if let (4, Some(c)) = (n, ceil) {
+            table.target(
+                "4 parts at once ≥ 1.6× zstd-3 1 thread",
+                c.as_secs_f64() / by[0].median().as_secs_f64(),
+                1.6,
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn read_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> BenchResult<()> {
+    let part = corpus.part_of_size(plan.size);
+    let bytes = part.bytes();
+    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    let job = ExportJobId::new();
+    let k = key(&job, 0);
+    for w in [Which::Store, Which::Fs] {
+        write_part(c.get(w), &k, &part).await?;
+    }
+    let mut buf = vec![0u8; READ_BUFFER];
+    let (mut ceiling, mut store, mut fs) =
+        (Samples::default(), Samples::default(), Samples::default());
+    for _ in 0..plan.reps {
+        ceiling
+            .0
+            .push(codec_run(&part, plan.chunk, plan.level, true).decompress);
+        for (w, s) in [(Which::Store, &mut store), (Which::Fs, &mut fs)] {
+            let t = Instant::now();
+            let n = read_part(c.get(w), &k, &mut buf).await?;
+            s.0.push(t.elapsed());
+            if n != bytes {
+                return Err(format!("{} read {n} bytes of {bytes}", w.label()).into());
+            }
+        }
+    }
+    let group = format!("read 1 part, {} MiB {}", bytes >> 20, corpus.name);
+    let ceil = ceiling.median();
+    table.row(
+        &group,
+        "zstd decompress, 1 thread (ceiling)",
+        mbs(bytes, ceil, &ceiling),
+        "1.00×",
+        "",
+    );
+    table.row(
+        &group,
+        Which::Store.label(),
+        mbs(bytes, store.median(), &store),
+        ratio(ceil, store.median()),
+        "",
+    );
+    table.row(
+        &group,
+        "local fs (the file, page cache)",
+        mbs(bytes, fs.median(), &fs),
+        ratio(ceil, fs.median()),
+        "",
+    );
+    table.target(
+        &format!(
+            "read 1 part ({}) ≥ 0.80× zstd decompress 1 thread",
+            corpus.name
+        ),
+        ceil.as_secs_f64() / store.median().as_secs_f64(),
+        0.80,
+    );
+    Ok(())
+}
+
+async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> BenchResult<()> {
+    let parts = hfs_parts(corpus, plan.small_parts, HFS_BATCH);
+    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    let order = [Which::Store, Which::FsSync, Which::Fs];
+    let mut lat: [Vec<Duration>; 3] = Default::default();
+    let jobs: Vec<ExportJobId> = order.iter().map(|_| ExportJobId::new()).collect();
+    // Interleaved part by part, so that a disturbance hits every store alike.
+    for (i, p) in parts.iter().enumerate() {
+        for (j, w) in order.iter().enumerate() {
+            let t = Instant::now();
+            write_part(c.get(*w), &key(&jobs[j], i as u32), p).await?;
+            lat[j].push(t.elapsed());
+        }
+    }
+    for (j, w) in order.iter().enumerate() {
+        delete_job(c.get(*w), &jobs[j]).await?;
+    }
+    let mean_bytes = parts.iter().map(Part::bytes).sum::<u64>() / parts.len() as u64;
+    let group = format!(
+        "{} HFS parts of 1,000 resources (~{:.1} MB), open→finalize",
+        parts.len(),
+        mean_bytes as f64 / 1e6
+    );
+    let sync_median = quantile(&lat[1], 0.5);
+    for (j, w) in order.iter().enumerate() {
+        let (p50, p90, p99) = (
+            quantile(&lat[j], 0.5),
+            quantile(&lat[j], 0.9),
+            quantile(&lat[j], 0.99),
+        );
+        table.row(
+            &group,
+            w.label(),
+            format!("{} / {} / {} ms", ms(p50), ms(p90), ms(p99)),
+            "",
+            ratio(sync_median, p50),
+        );
+    }
+    table.target(
+        "small part median latency ≤ local fs + fsync (ratio ≥ 1.0)",
+        sync_median.as_secs_f64() / quantile(&lat[0], 0.5).as_secs_f64(),
+        1.0,
+    );
+    Ok(())
+}
+
+async fn delete_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> BenchResult<()> {
+    const PARTS: usize = 1000;
+    const LINES: usize = 100;
+    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    let reps = plan.reps.min(3);
+    let (mut store, mut fs) = (Samples::default(), Samples::default());
+    for _ in 0..reps {
+        for (w, s) in [(Which::Store, &mut store), (Which::Fs, &mut fs)] {
+            let job = fill_job(c.get(w), corpus, PARTS, LINES).await?;
+            let t = Instant::now();
+            delete_job(c.get(w), &job).await?;
+            s.0.push(t.elapsed());
+        }
+    }
+    let group = format!("delete_job_outputs, {PARTS} parts of {LINES} resources");
+    table.row(
+        &group,
+        Which::Store.label(),
+        format!("{} ms", ms(store.median())),
+        "",
+        ratio(fs.median(), store.median()),
+    );
+    table.row(
+        &group,
+        "local fs (remove the folder)",
+        format!("{} ms", ms(fs.median())),
+        "",
+        "1.00×",
+    );
+    Ok(())
+}
+
+/// The Synthea sample as HFS would export it (one part per 1,000 resources
+/// of a type): NDJSON bytes over stored frame bytes, and over the database
+/// file's growth.
+async fn ratio_group(plan: &Plan, synthea: &std::path::Path, table: &mut Table) -> BenchResult<()> {
+    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    let db = c.store.path().to_path_buf();
+    let file_size = |p: &std::path::Path| {
+        let wal = p.with_extension("db-wal");
+        std::fs::metadata(p).map_or(0, |m| m.len()) + std::fs::metadata(wal).map_or(0, |m| m.len())
+    };
+    let before = file_size(&db);
+    let job = ExportJobId::new();
+    let (mut raw, mut stored, mut parts) = (0u64, 0u64, 0u32);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(synthea)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ndjson"))
+        .collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        if !text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .contains("\"resourceType\"")
+        {
+            continue;
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        for batch in lines.chunks(HFS_BATCH) {
+            let k = key(&job, parts);
+            parts += 1;
+            let mut w = c.store.open_writer(&k).await?;
+            for l in batch {
+                w.write_line(l).await?;
+            }
+            c.store.finalize_part(&k, w).await?;
+            let info = c.store.part_info(&k).await?;
+            raw += info.size_bytes;
+            stored += info.stored_bytes;
+        }
+    }
+    let grown = file_size(&db).saturating_sub(before);
+    let group = format!(
+        "Synthea sample as {parts} HFS parts, {:.1} MB",
+        raw as f64 / 1e6
+    );
+    table.row(
+        &group,
+        "NDJSON ÷ stored zstd frames",
+        format!("{:.1}×", raw as f64 / stored as f64),
+        "",
+        "",
+    );
+    table.row(
+        &group,
+        "NDJSON ÷ database file growth",
+        format!("{:.1}×", raw as f64 / grown.max(1) as f64),
+        "",
+        "",
+    );
+    table.target(
+        "stored bytes ≤ 1/12 of the Synthea NDJSON (ratio ≥ 12)",
+        raw as f64 / grown.max(1) as f64 / 12.0,
+        1.0,
+    );
+    Ok(())
+}
+
+/// Writes then reads one part of `bytes`, streaming from the corpus, and
+/// reports the process's peak RSS.
+async fn memory_check(
+    corpus: &Arc<Corpus>,
+    bytes: u64,
+    options: StoreOptions,
+    dir: &std::path::Path,
+) -> BenchResult<()> {
+    println!(
+        "data: {} ({:.1} MiB in memory), peak RSS before the store: {:.1} MiB",
+        corpus.name,
+        corpus.len() as f64 / (1 << 20) as f64,
+        peak_rss_mib()
+    );
+    let part = corpus.part_of_size(bytes);
+    let c = Contenders::open(dir, options)?;
+    let job = ExportJobId::new();
+    let k = key(&job, 0);
+    let t = Instant::now();
+    write_part(&c.store, &k, &part).await?;
+    let w = t.elapsed();
+    let mut buf = vec![0u8; READ_BUFFER];
+    let t = Instant::now();
+    let n = read_part(&c.store, &k, &mut buf).await?;
+    let r = t.elapsed();
+    if n != part.bytes() {
+        return Err(format!("read {n} bytes of {}", part.bytes()).into());
+    }
+    let info = c.store.part_info(&k).await?;
+    println!(
+        "wrote {:.2} GiB in {:.1} s ({:.0} MB/s), read it back in {:.1} s ({:.0} MB/s); {} chunks, {:.1}× compression",
+        n as f64 / (1u64 << 30) as f64,
+        w.as_secs_f64(),
+        mb_per_s(n, w),
+        r.as_secs_f64(),
+        mb_per_s(n, r),
+        info.chunk_count,
+        info.size_bytes as f64 / info.stored_bytes as f64
+    );
+    let peak = peak_rss_mib();
+    println!("peak RSS of the whole process (VmHWM): {peak:.1} MiB (target < 64 MiB)");
+    println!("{}", load_line());
+    Ok(())
+}
+
+#[derive(Default)]
+struct Table {
+    rows: Vec<[String; 5]>,
+    last_group: String,
+    targets: Vec<String>,
+}
+
+impl Table {
+    fn row(
+        &mut self,
+        group: &str,
+        who: &str,
+        figure: String,
+        vs_ceiling: impl Into<String>,
+        vs_sync: impl Into<String>,
+    ) {
+        let shown = if self.last_group == group {
+            String::new()
+        } else {
+            self.last_group = group.to_string();
+            group.to_string()
+        };
+        self.rows
+            .push([shown, who.into(), figure, vs_ceiling.into(), vs_sync.into()]);
+    }
+
+    fn target(&mut self, what: &str, ratio: f64, at_least: f64) {
+        let verdict = if ratio >= at_least { "met" } else { "MISSED" };
+        self.targets.push(format!(
+            "{verdict:>6}  {what}: measured {ratio:.2} (needs {at_least:.2})"
+        ));
+    }
+
+    fn print(&self) {
+        let head = ["group", "contender", "figure", "vs ceiling", "vs fs+fsync"];
+        let mut w = head.map(|h| h.chars().count());
+        for r in &self.rows {
+            for (i, c) in r.iter().enumerate() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        let line = |cells: [&str; 5]| {
+            let mut s = String::new();
+            for (i, c) in cells.iter().enumerate() {
+                let pad = w[i] - c.chars().count();
+                if i >= 2 {
+                    s.push_str(&" ".repeat(pad));
+                    s.push_str(c);
+                } else {
+                    s.push_str(c);
+                    s.push_str(&" ".repeat(pad));
+                }
+                s.push_str("  ");
+            }
+            println!("{}", s.trim_end());
+        };
+        line(head);
+        line(w.map(|n| "-".repeat(n)).each_ref().map(String::as_str));
+        for r in &self.rows {
+            line(r.each_ref().map(String::as_str));
+        }
+    }
+}
+
+fn mbs(bytes: u64, median: Duration, s: &Samples) -> String {
+    format!("{:.0} MB/s ({})", mb_per_s(bytes, median), s.spread(bytes))
+}
+
+/// How many times faster `d` is than `base` (`base / d`), as "1.23×".
+fn ratio(base: Duration, d: Duration) -> String {
+    format!("{:.2}×", base.as_secs_f64() / d.as_secs_f64().max(1e-12))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+/// Peak resident set of this process so far, from `/proc/self/status`.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn machine_line() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "machine: {cpus} × {model} (nproc {cpus}), Linux {kernel}, {}",
+        load_line()
+    )
+}
+
+fn load_line() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    format!("load average {load}")
 }

@@ -1,0 +1,468 @@
+//! The workloads behind `export-store bench` and `cargo bench --bench store`
+//! (which includes this file): the same data, the same contenders and the
+//! same measurement for both.
+//!
+//! Every figure is measured beside its baselines on the same bytes:
+//! - the ceiling: the store's own codec ([`codec::compress`] /
+//!   [`codec::decompress`], zstd with content size and checksum) on the same
+//!   chunks, one thread, timing only the codec calls;
+//! - [`LocalFsOutputStore`], HFS's way of writing a part (64 KiB buffered
+//!   file, rename), without and with fsync.
+//!
+//! A part is a run of whole NDJSON lines taken cyclically from a corpus (the
+//! Synthea sample, or the synthetic generator's output), so a part of any
+//! size costs no memory beyond the corpus, and every contender gets the same
+//! lines through `write_line`, as HFS's export worker sends them.
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlite_export_store::codec;
+use sqlite_export_store::localfs::LocalFsOutputStore;
+use sqlite_export_store::synthetic::Generator;
+use sqlite_export_store::{
+    ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions, TenantContext,
+    TenantId,
+};
+use tokio::io::AsyncReadExt;
+
+/// A boxed error for the bench's plumbing.
+pub type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// The tenant every bench part belongs to.
+pub const TENANT: &str = "bench";
+
+/// Lines per HFS-shaped part (`HFS_BULK_EXPORT_BATCH_SIZE`).
+pub const HFS_BATCH: usize = 1000;
+
+/// The buffer a download is read through (what a server hands to a socket).
+pub const READ_BUFFER: usize = 64 * 1024;
+
+/// Where the Synthea sample lives on the machine this crate is developed
+/// on; `EXPORT_STORE_SYNTHEA` overrides it.
+pub fn default_synthea_dir() -> PathBuf {
+    std::env::var_os("EXPORT_STORE_SYNTHEA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-10-patients")
+        })
+}
+
+/// NDJSON text split into lines, the source of every part.
+pub struct Corpus {
+    /// What the data is, for the report.
+    pub name: String,
+    text: String,
+    /// `(start, end)` of each line in `text`, without its newline.
+    lines: Vec<(usize, usize)>,
+}
+
+impl Corpus {
+    /// The FHIR resource files of a bulk export folder (`*.ndjson` whose
+    /// first line has a `resourceType`), concatenated in file-name order.
+    pub fn synthea(dir: &Path) -> BenchResult<Corpus> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "ndjson"))
+            .collect();
+        files.sort();
+        let mut text = String::new();
+        for f in files {
+            let body = std::fs::read_to_string(&f)?;
+            if !body
+                .lines()
+                .next()
+                .unwrap_or("")
+                .contains("\"resourceType\"")
+            {
+                continue;
+            }
+            text.push_str(&body);
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+        if text.is_empty() {
+            return Err(format!("no FHIR NDJSON files in {}", dir.display()).into());
+        }
+        Ok(Corpus::new("synthea".into(), text))
+    }
+
+    /// `bytes` of the synthetic generator's mixed-type NDJSON for `seed`.
+    pub fn synthetic(seed: u64, bytes: usize) -> Corpus {
+        let raw = Generator::new(seed).ndjson_of_size(bytes);
+        let text = String::from_utf8(raw).expect("the generator writes UTF-8");
+        Corpus::new("synthetic".into(), text)
+    }
+
+    fn new(name: String, text: String) -> Corpus {
+        let mut lines = Vec::new();
+        let mut start = 0;
+        for (i, b) in text.bytes().enumerate() {
+            if b == b'\n' {
+                lines.push((start, i));
+                start = i + 1;
+            }
+        }
+        Corpus { name, text, lines }
+    }
+
+    /// Bytes of the corpus (newlines included).
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Lines of the corpus.
+    pub fn line_count(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// The corpus's own files as one text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// A part of at least `bytes` bytes (whole lines), from the first line.
+    pub fn part_of_size(self: &Arc<Self>, bytes: u64) -> Part {
+        self.part_of_size_from(0, bytes)
+    }
+
+    /// A part of at least `bytes` bytes starting at line `first`.
+    pub fn part_of_size_from(self: &Arc<Self>, first: usize, bytes: u64) -> Part {
+        let n = self.lines.len();
+        let (mut total, mut count) = (0u64, 0usize);
+        while total < bytes {
+            let (s, e) = self.lines[(first + count) % n];
+            total += (e - s + 1) as u64;
+            count += 1;
+        }
+        Part {
+            corpus: self.clone(),
+            first,
+            count,
+            bytes: total,
+        }
+    }
+
+    /// `count` lines starting at line `first` (wrapping around).
+    pub fn part_of_lines(self: &Arc<Self>, first: usize, count: usize) -> Part {
+        let n = self.lines.len();
+        let bytes = (0..count)
+            .map(|i| {
+                let (s, e) = self.lines[(first + i) % n];
+                (e - s + 1) as u64
+            })
+            .sum();
+        Part {
+            corpus: self.clone(),
+            first,
+            count,
+            bytes,
+        }
+    }
+}
+
+/// A run of lines of a corpus: what one part holds.
+#[derive(Clone)]
+pub struct Part {
+    corpus: Arc<Corpus>,
+    first: usize,
+    count: usize,
+    bytes: u64,
+}
+
+impl Part {
+    /// NDJSON bytes of the part (newlines included).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Lines of the part.
+    pub fn line_count(&self) -> usize {
+        self.count
+    }
+
+    /// The lines, without newlines.
+    pub fn lines(&self) -> impl Iterator<Item = &str> + '_ {
+        let c = &self.corpus;
+        let n = c.lines.len();
+        (0..self.count).map(move |i| {
+            let (s, e) = c.lines[(self.first + i) % n];
+            &c.text[s..e]
+        })
+    }
+
+    /// Calls `f` with each `chunk_size` slice of the part's bytes, in order,
+    /// as the store cuts them (the last one may be shorter). The slices are
+    /// assembled in one reused buffer.
+    pub fn for_each_chunk(&self, chunk_size: usize, mut f: impl FnMut(&[u8])) {
+        let mut buf = Vec::with_capacity(chunk_size);
+        for line in self.lines() {
+            let mut rest = line.as_bytes();
+            loop {
+                let n = rest.len().min(chunk_size - buf.len());
+                buf.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                if buf.len() == chunk_size {
+                    f(&buf);
+                    buf.clear();
+                }
+                if rest.is_empty() {
+                    break;
+                }
+            }
+            buf.push(b'\n');
+            if buf.len() == chunk_size {
+                f(&buf);
+                buf.clear();
+            }
+        }
+        if !buf.is_empty() {
+            f(&buf);
+        }
+    }
+}
+
+/// The codec alone on one thread: time spent in compression and in
+/// decompression of a part's chunks, and the sizes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CodecRun {
+    /// Time inside `codec::compress`.
+    pub compress: Duration,
+    /// Time inside `codec::decompress`.
+    pub decompress: Duration,
+    /// Raw bytes.
+    pub raw: u64,
+    /// Frame bytes.
+    pub stored: u64,
+}
+
+/// Compresses (and, with `decompress`, decompresses) each chunk of `part`
+/// with the store's codec, timing only the codec calls: the ceiling a store
+/// built on this codec cannot beat on one thread.
+pub fn codec_run(part: &Part, chunk_size: usize, level: i32, decompress: bool) -> CodecRun {
+    let mut run = CodecRun::default();
+    part.for_each_chunk(chunk_size, |chunk| {
+        let t = Instant::now();
+        let frame = codec::compress(chunk, level).expect("compress");
+        run.compress += t.elapsed();
+        run.raw += chunk.len() as u64;
+        run.stored += frame.len() as u64;
+        if decompress {
+            let t = Instant::now();
+            let back = codec::decompress(&frame, chunk.len()).expect("decompress");
+            run.decompress += t.elapsed();
+            debug_assert_eq!(back.len(), chunk.len());
+        }
+    });
+    run
+}
+
+/// SHA-256 of a part on one thread (what the store's content digest costs).
+pub fn sha256_run(part: &Part) -> Duration {
+    use sqlite_export_store::codec::ContentDigest;
+    let mut d = ContentDigest::new();
+    let mut spent = Duration::ZERO;
+    part.for_each_chunk(1 << 20, |chunk| {
+        let t = Instant::now();
+        d.update(chunk);
+        spent += t.elapsed();
+    });
+    std::hint::black_box(d.finish_hex());
+    spent
+}
+
+/// The stores compared, all under one folder.
+pub struct Contenders {
+    /// The SQLite store.
+    pub store: SqliteOutputStore,
+    /// HFS's way, no fsync.
+    pub fs: LocalFsOutputStore,
+    /// HFS's way, fsync before the rename (and of the folder after it).
+    pub fs_sync: LocalFsOutputStore,
+    /// Removed on drop.
+    _dir: tempfile::TempDir,
+}
+
+/// Which contender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// [`SqliteOutputStore`].
+    Store,
+    /// [`LocalFsOutputStore`] without fsync.
+    Fs,
+    /// [`LocalFsOutputStore`] with fsync.
+    FsSync,
+}
+
+impl Which {
+    /// The name in reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Which::Store => "store (SQLite, zstd)",
+            Which::Fs => "local fs",
+            Which::FsSync => "local fs + fsync",
+        }
+    }
+}
+
+impl Contenders {
+    /// Opens the three stores in a fresh folder under `parent`.
+    pub fn open(parent: &Path, options: StoreOptions) -> BenchResult<Contenders> {
+        let dir = tempfile::Builder::new()
+            .prefix("export-store-bench-")
+            .tempdir_in(parent)?;
+        let store =
+            SqliteOutputStore::open_with(dir.path().join("bench.db"), "http://bench", options)?;
+        let fs = LocalFsOutputStore::new(dir.path().join("fs"), "http://bench")?;
+        let fs_sync =
+            LocalFsOutputStore::new(dir.path().join("fs-sync"), "http://bench")?.with_fsync(true);
+        Ok(Contenders {
+            store,
+            fs,
+            fs_sync,
+            _dir: dir,
+        })
+    }
+
+    /// The contender as the trait HFS holds.
+    pub fn get(&self, which: Which) -> &dyn ExportOutputStore {
+        match which {
+            Which::Store => &self.store,
+            Which::Fs => &self.fs,
+            Which::FsSync => &self.fs_sync,
+        }
+    }
+
+    /// The contender as HFS shares it between workers.
+    pub fn shared(&self, which: Which) -> Arc<dyn ExportOutputStore> {
+        match which {
+            Which::Store => Arc::new(self.store.clone()),
+            Which::Fs => Arc::new(self.fs.clone()),
+            Which::FsSync => Arc::new(self.fs_sync.clone()),
+        }
+    }
+}
+
+/// The key of part `index` of `job`.
+pub fn key(job: &ExportJobId, index: u32) -> ExportPartKey {
+    ExportPartKey::output(TENANT, job.clone(), "Bundle", index, 1)
+}
+
+/// Writes `part` under `key` the way HFS's export worker does: open,
+/// `write_line` per resource, finalize.
+pub async fn write_part(
+    store: &dyn ExportOutputStore,
+    key: &ExportPartKey,
+    part: &Part,
+) -> BenchResult<()> {
+    let mut w = store.open_writer(key).await?;
+    for line in part.lines() {
+        w.write_line(line).await?;
+    }
+    store.finalize_part(key, w).await?;
+    Ok(())
+}
+
+/// Reads the part under `key` to its end through a [`READ_BUFFER`]; returns
+/// the bytes read.
+pub async fn read_part(
+    store: &dyn ExportOutputStore,
+    key: &ExportPartKey,
+    buf: &mut [u8],
+) -> BenchResult<u64> {
+    let mut r = store.open_reader(key).await?;
+    let mut total = 0u64;
+    loop {
+        let n = r.read(buf).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Deletes a bench job.
+pub async fn delete_job(store: &dyn ExportOutputStore, job: &ExportJobId) -> BenchResult<()> {
+    let tenant = TenantContext::new(TenantId::new(TENANT));
+    store.delete_job_outputs(&tenant, job).await?;
+    Ok(())
+}
+
+/// Writes `parts` concurrently (one task each, as concurrent export workers
+/// would) into a fresh job; returns the wall time and the job.
+pub async fn write_concurrently(
+    store: Arc<dyn ExportOutputStore>,
+    parts: &[Part],
+) -> BenchResult<(Duration, ExportJobId)> {
+    let job = ExportJobId::new();
+    let t = Instant::now();
+    let tasks: Vec<_> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (store, job, p) = (store.clone(), job.clone(), p.clone());
+            tokio::spawn(async move { write_part(&*store, &key(&job, i as u32), &p).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok((t.elapsed(), job))
+}
+
+/// Writes one HFS-shaped part per entry of `parts`, one after another, and
+/// returns each part's open→finalize latency.
+pub async fn small_part_latencies(
+    store: &dyn ExportOutputStore,
+    job: &ExportJobId,
+    parts: &[Part],
+) -> BenchResult<Vec<Duration>> {
+    let mut out = Vec::with_capacity(parts.len());
+    for (i, p) in parts.iter().enumerate() {
+        let t = Instant::now();
+        write_part(store, &key(job, i as u32), p).await?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+/// `n` HFS-shaped parts of `lines` resources each, spread over the corpus.
+pub fn hfs_parts(corpus: &Arc<Corpus>, n: usize, lines: usize) -> Vec<Part> {
+    (0..n)
+        .map(|i| corpus.part_of_lines((i * 7919 * lines) % corpus.line_count(), lines))
+        .collect()
+}
+
+/// Fills a fresh job with `parts` parts of `lines` resources each (for the
+/// delete benchmark); returns the job.
+pub async fn fill_job(
+    store: &dyn ExportOutputStore,
+    corpus: &Arc<Corpus>,
+    parts: usize,
+    lines: usize,
+) -> BenchResult<ExportJobId> {
+    let job = ExportJobId::new();
+    for (i, p) in hfs_parts(corpus, parts, lines).iter().enumerate() {
+        write_part(store, &key(&job, i as u32), p).await?;
+    }
+    Ok(job)
+}
+
+/// The value at quantile `q` (0..=1) of `xs`, nearest rank.
+pub fn quantile(xs: &[Duration], q: f64) -> Duration {
+    let mut v = xs.to_vec();
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// Decimal megabytes per second.
+pub fn mb_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}

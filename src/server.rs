@@ -1,1 +1,0 @@
-//! The HTTP download server (being written).
