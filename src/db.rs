@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,9 +41,21 @@ pub(crate) struct ChunkInsert {
     pub ack: oneshot::Sender<StorageResult<()>>,
 }
 
+/// A call that runs inside a savepoint of a shared durable transaction:
+/// `run` does the work and says whether to keep it; `finish` is told the
+/// outcome of the commit (and is called even if `run` never got to run).
+struct DurableCall {
+    run: Box<dyn FnOnce(&Connection) -> bool + Send>,
+    finish: Box<dyn FnOnce(Option<StorageError>) + Send>,
+}
+
+/// Durable calls committed together at most (one fsync for all of them).
+const GROUP_CALLS: usize = 64;
+
 enum Command {
     Chunk(ChunkInsert),
     Call(Call),
+    Durable(DurableCall),
 }
 
 /// The database: a read pool and the writer thread.
@@ -148,6 +160,43 @@ impl Db {
         });
         self.sender(op)?
             .send(Command::Call(call))
+            .await
+            .map_err(|_| writer_gone(op))?;
+        done.await.map_err(|_| writer_gone(op))?
+    }
+
+    /// Runs `f` on the writer thread inside a transaction whose commit
+    /// reaches the disk before this returns `Ok`. Durable calls that queue up
+    /// together share one transaction and one fsync (group commit); each
+    /// runs in its own savepoint, so an `Err` from one rolls back only its
+    /// own work. A failed commit fails every call of the group.
+    pub async fn write_durable<T, F>(&self, op: &'static str, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
+        let (ack, done) = oneshot::channel();
+        let slot = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        let call = DurableCall {
+            run: Box::new(move |c| {
+                let r = f(c);
+                let keep = r.is_ok();
+                *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                keep
+            }),
+            finish: Box::new(move |commit_error| {
+                let ran = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let _ = ack.send(match (ran, commit_error) {
+                    (Some(Err(e)), _) => Err(e),
+                    (_, Some(e)) => Err(e),
+                    (Some(Ok(v)), None) => Ok(v),
+                    (None, None) => Err(StorageError::internal(op, "the call did not run")),
+                });
+            }),
+        };
+        self.sender(op)?
+            .send(Command::Durable(call))
             .await
             .map_err(|_| writer_gone(op))?;
         done.await.map_err(|_| writer_gone(op))?
@@ -274,6 +323,20 @@ fn writer_thread(
                 // the thread goes on serving everyone else.
                 let _ = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut conn)));
             }
+            Command::Durable(first) => {
+                let mut group = vec![first];
+                while group.len() < GROUP_CALLS {
+                    match rx.try_recv() {
+                        Ok(Command::Durable(c)) => group.push(c),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit_durable(&mut conn, group);
+            }
             Command::Chunk(first) => {
                 let mut bytes = first.frame.len();
                 let mut batch = vec![first];
@@ -295,6 +358,46 @@ fn writer_thread(
         }
     }
     discard_dropped(&conn, &discards);
+}
+
+/// Runs a group of durable calls in one transaction committed with
+/// `synchronous = FULL`, each in its own savepoint, then tells each call the
+/// commit's outcome.
+fn commit_durable(conn: &mut Connection, group: Vec<DurableCall>) {
+    let op = "commit";
+    let (runs, finishes): (Vec<_>, Vec<_>) = group.into_iter().map(|c| (c.run, c.finish)).unzip();
+    let outcome = (|| -> Result<(), StorageError> {
+        let sql = |e| from_sqlite(op, e);
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        for run in runs {
+            tx.execute_batch("SAVEPOINT durable_call").map_err(sql)?;
+            // A panicking call keeps nothing; its finish reports it.
+            let keep = std::panic::catch_unwind(AssertUnwindSafe(|| run(&tx))).unwrap_or(false);
+            let end = if keep {
+                "RELEASE durable_call"
+            } else {
+                "ROLLBACK TO durable_call; RELEASE durable_call"
+            };
+            tx.execute_batch(end).map_err(sql)?;
+        }
+        failpoint::hit("finalize.before_commit");
+        tx.commit().map_err(sql)?;
+        failpoint::hit("finalize.after_commit");
+        Ok(())
+    })();
+    // Back to cheap commits for chunks; a failure here only costs speed.
+    let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+    for finish in finishes {
+        let e = outcome
+            .as_ref()
+            .err()
+            .map(|e| StorageError::new(e.kind(), e.operation(), e.message().to_string()));
+        finish(e);
+    }
 }
 
 fn discard_dropped(conn: &Connection, discards: &Mutex<Vec<i64>>) {

@@ -12,8 +12,11 @@
 //! whole identity stream checks the part's length and SHA-256 *before* it
 //! yields its last bytes; every stream checks each chunk's place and length.
 
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -53,27 +56,39 @@ impl Reads {
     }
 
     /// Runs `f` with a pooled connection on the blocking pool, once a
-    /// fetch permit is free.
+    /// fetch permit is free. The permit goes with the blocking work, so it
+    /// is released when the work ends, whoever waits for the result.
     async fn blocking<T, F>(&self, f: F) -> StorageResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Pool) -> StorageResult<T> + Send + 'static,
     {
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| StorageError::unavailable(OP, "the server is shutting down"))?;
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || f(&pool))
-            .await
-            .map_err(|e| {
-                if e.is_cancelled() {
-                    StorageError::unavailable(OP, "the runtime is shutting down")
-                } else {
-                    StorageError::internal(OP, "a read task panicked")
-                }
-            })?
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&pool)
+        })
+        .await
+        .map_err(join_error)?
+    }
+
+    /// [`blocking`](Self::blocking) in a task of its own: it queues for a
+    /// permit and runs even while the download's consumer is stalled (a
+    /// waiter that is never polled would otherwise sit on a permit the
+    /// semaphore handed it), and is aborted when the download is dropped.
+    fn spawned<T, F>(&self, f: F) -> Spawned<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pool) -> StorageResult<T> + Send + 'static,
+    {
+        let reads = self.clone();
+        Spawned(tokio::spawn(async move { reads.blocking(f).await }))
     }
 
     /// The part a download route names: the finished part with the highest
@@ -131,19 +146,43 @@ impl Reads {
     }
 
     /// Fetches chunk `seq` of part `part_id` as stored.
-    async fn frame(&self, part_id: i64, seq: u64) -> StorageResult<ChunkRow> {
-        self.blocking(move |pool| fetch_row(pool, part_id, seq)).await
+    fn frame(&self, part_id: i64, seq: u64) -> Spawned<ChunkRow> {
+        self.spawned(move |pool| fetch_row(pool, part_id, seq))
     }
 
     /// Fetches chunk `seq` and decodes it: `(raw_offset, bytes)`.
-    async fn decoded(&self, part_id: i64, seq: u64) -> StorageResult<(u64, Vec<u8>)> {
-        self.blocking(move |pool| {
+    fn decoded(&self, part_id: i64, seq: u64) -> Spawned<(u64, Vec<u8>)> {
+        self.spawned(move |pool| {
             let row = fetch_row(pool, part_id, seq)?;
-            let bytes = codec::decompress(&row.frame, row.raw_len as usize)
-                .map_err(|e| e.in_op(OP))?;
+            let bytes =
+                codec::decompress(&row.frame, row.raw_len as usize).map_err(|e| e.in_op(OP))?;
             Ok((row.raw_offset, bytes))
         })
-        .await
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> StorageError {
+    if e.is_cancelled() {
+        StorageError::unavailable(OP, "the runtime is shutting down")
+    } else {
+        StorageError::internal(OP, "a read task panicked")
+    }
+}
+
+/// A fetch running in its own task; dropping it aborts the task.
+struct Spawned<T>(tokio::task::JoinHandle<StorageResult<T>>);
+
+impl<T> Future for Spawned<T> {
+    type Output = StorageResult<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.map_err(join_error)?)
+    }
+}
+
+impl<T> Drop for Spawned<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -220,10 +259,7 @@ pub(crate) async fn identity(
     let chunks = {
         let (reads, id) = (reads.clone(), part.id);
         stream::iter(first..=last)
-            .map(move |seq| {
-                let reads = reads.clone();
-                async move { reads.decoded(id, seq).await }
-            })
+            .map(move |seq| reads.decoded(id, seq))
             .buffered(ahead)
     };
     let state = Identity {
@@ -337,10 +373,7 @@ pub(crate) fn zstd_frames(reads: &Reads, part: &PartRow) -> ByteStream {
     let frames = {
         let reads = reads.clone();
         stream::iter(0..n)
-            .map(move |seq| {
-                let reads = reads.clone();
-                async move { reads.frame(id, seq).await }
-            })
+            .map(move |seq| reads.frame(id, seq))
             .buffered(ahead)
     };
     let part = part.clone();

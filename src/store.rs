@@ -366,64 +366,51 @@ impl ExportOutputStore for SqliteOutputStore {
         let (fencing, k, lines) = (self.core.options.fencing, key.clone(), writer.line_count);
         self.core
             .db
-            .write(op, move |c| {
-                // The finalize commit must reach the disk before Ok returns.
-                c.pragma_update(None, "synchronous", "FULL")
-                    .map_err(|e| from_sqlite(op, e))?;
-                let result = (|| {
-                    let tx = immediate(c, op)?;
-                    let fail = |e| from_sqlite(op, e);
-                    match sql::part_state(&tx, part_id).map_err(fail)? {
-                        Some(false) => {}
-                        Some(true) => {
-                            return Err(StorageError::invalid(op, "the part was already finalized"))
-                        }
-                        None => {
-                            return Err(StorageError::not_found(
-                                op,
-                                "the staged part no longer exists (deleted or superseded)",
-                            ))
-                        }
+            .write_durable(op, move |tx| {
+                let fail = |e| from_sqlite(op, e);
+                match sql::part_state(tx, part_id).map_err(fail)? {
+                    Some(false) => {}
+                    Some(true) => {
+                        return Err(StorageError::invalid(op, "the part was already finalized"))
                     }
-                    let totals = sql::chunk_totals(&tx, part_id).map_err(fail)?;
-                    if totals.raw_bytes != sealed.bytes
-                        || totals.chunks != sealed.chunks
-                        || !totals.contiguous
-                    {
-                        return Err(StorageError::internal(
+                    None => {
+                        return Err(StorageError::not_found(
                             op,
-                            format!(
-                                "the part is incomplete: {} bytes in {} chunks are stored where \
-                                 {} bytes in {} chunks were written",
-                                totals.raw_bytes, totals.chunks, sealed.bytes, sealed.chunks
-                            ),
-                        ));
+                            "the staged part no longer exists (deleted or superseded)",
+                        ))
                     }
-                    check_fence(fencing, &tx, &k, op)?;
-                    sql::delete_finished(&tx, &k).map_err(fail)?;
-                    let published = sql::publish(
-                        &tx,
-                        part_id,
-                        &Publish {
-                            line_count: lines,
-                            byte_count: totals.raw_bytes,
-                            stored_bytes: totals.stored_bytes,
-                            chunk_count: totals.chunks,
-                            digest: &sealed.digest,
-                            now_ms: now_ms(),
-                        },
-                    )
-                    .map_err(fail)?;
-                    debug_assert_eq!(published, 1);
-                    failpoint::hit("finalize.before_commit");
-                    tx.commit().map_err(fail)?;
-                    failpoint::hit("finalize.after_commit");
-                    Ok(())
-                })();
-                let restored = c
-                    .pragma_update(None, "synchronous", "NORMAL")
-                    .map_err(|e| from_sqlite(op, e));
-                result.and(restored)
+                }
+                let totals = sql::chunk_totals(tx, part_id).map_err(fail)?;
+                if totals.raw_bytes != sealed.bytes
+                    || totals.chunks != sealed.chunks
+                    || !totals.contiguous
+                {
+                    return Err(StorageError::internal(
+                        op,
+                        format!(
+                            "the part is incomplete: {} bytes in {} chunks are stored where \
+                             {} bytes in {} chunks were written",
+                            totals.raw_bytes, totals.chunks, sealed.bytes, sealed.chunks
+                        ),
+                    ));
+                }
+                check_fence(fencing, tx, &k, op)?;
+                sql::delete_finished(tx, &k).map_err(fail)?;
+                let published = sql::publish(
+                    tx,
+                    part_id,
+                    &Publish {
+                        line_count: lines,
+                        byte_count: totals.raw_bytes,
+                        stored_bytes: totals.stored_bytes,
+                        chunk_count: totals.chunks,
+                        digest: &sealed.digest,
+                        now_ms: now_ms(),
+                    },
+                )
+                .map_err(fail)?;
+                debug_assert_eq!(published, 1);
+                Ok(())
             })
             .await
             .map_err(|e| e.or_part(part()))?;

@@ -74,24 +74,39 @@ async fn demo(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     for (ty, n) in &plan {
         for (i, first) in (0..*n).step_by(BATCH as usize).enumerate() {
             let key = ExportPartKey::output(&args.tenant, job.clone(), *ty, i as u32, LIVE_TOKEN);
-            parts.push(PartJob { key, first, count: BATCH.min(n - first) });
+            parts.push(PartJob {
+                key,
+                first,
+                count: BATCH.min(n - first),
+            });
         }
     }
 
     // The stale worker opened the first part under the old claim before it
     // lost its lease; it will try to finish it after the live claim did.
-    let stale_key = ExportPartKey { fencing_token: STALE_TOKEN, ..parts[0].key.clone() };
+    let stale_key = ExportPartKey {
+        fencing_token: STALE_TOKEN,
+        ..parts[0].key.clone()
+    };
     let mut stale = store.open_writer(&stale_key).await?;
-    stale.write_line(r#"{"resourceType":"Patient","id":"stale"}"#).await?;
+    stale
+        .write_line(r#"{"resourceType":"Patient","id":"stale"}"#)
+        .await?;
 
     let progress = Progress::new(total);
     let started = Instant::now();
-    let queue = Arc::new(std::sync::Mutex::new(parts.into_iter().rev().collect::<Vec<_>>()));
+    let queue = Arc::new(std::sync::Mutex::new(
+        parts.into_iter().rev().collect::<Vec<_>>(),
+    ));
     let bytes = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..args.workers {
-        let (store, queue, bytes, progress) =
-            (store.clone(), queue.clone(), bytes.clone(), progress.clone());
+        let (store, queue, bytes, progress) = (
+            store.clone(),
+            queue.clone(),
+            bytes.clone(),
+            progress.clone(),
+        );
         let seed = args.seed;
         workers.spawn(async move {
             let mut done = Vec::new();
@@ -186,9 +201,12 @@ async fn write_error_part(
 ) -> Result<FinalizedPart, StorageError> {
     let key = ExportPartKey::error(tenant, job.clone(), "OperationOutcome", 0, LIVE_TOKEN);
     let mut w = store.open_writer(&key).await?;
-    for (i, why) in ["a referenced Practitioner is not visible to this client", "a resource failed profile validation"]
-        .iter()
-        .enumerate()
+    for (i, why) in [
+        "a referenced Practitioner is not visible to this client",
+        "a resource failed profile validation",
+    ]
+    .iter()
+    .enumerate()
     {
         let outcome = json!({
             "resourceType": "OperationOutcome",
@@ -236,7 +254,11 @@ impl Progress {
                 b.set_message(part.key.part_segment());
             }
             None => {
-                eprintln!("wrote {} ({} resources)", part.key.part_segment(), part.line_count);
+                eprintln!(
+                    "wrote {} ({} resources)",
+                    part.key.part_segment(),
+                    part.line_count
+                );
             }
         }
     }
