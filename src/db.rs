@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -69,6 +69,9 @@ pub(crate) struct Db {
     /// Set when deletes left free pages: the writer thread gives them back
     /// in short steps whenever it has nothing else to do.
     reclaim: std::sync::Arc<AtomicBool>,
+    /// The file's identity when it was opened, to notice it was removed or
+    /// replaced underneath the store (writes would go to a deleted file).
+    file: Option<(PathBuf, FileId)>,
 }
 
 impl std::fmt::Debug for Db {
@@ -94,6 +97,17 @@ impl Db {
         let busy = options.busy_timeout;
         let mut conn =
             Connection::open_with_flags(path, open_flags()).map_err(|e| from_sqlite(op, e))?;
+        // SQLite quietly opens a write-protected file read-only; the store
+        // must write, so it says so now rather than at the first export.
+        if conn
+            .is_readonly(rusqlite::DatabaseName::Main)
+            .map_err(|e| from_sqlite(op, e))?
+        {
+            return Err(StorageError::internal(
+                op,
+                "the database file is read-only (check its permissions and file system)",
+            ));
+        }
         schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
         schema::prepare(&mut conn)?;
         schema::limit_size(&conn, options.max_database_size).map_err(|e| from_sqlite(op, e))?;
@@ -101,8 +115,10 @@ impl Db {
         let (_, _, free) = sql::pages(&conn).map_err(|e| from_sqlite(op, e))?;
         let reclaim = std::sync::Arc::new(AtomicBool::new(free > 0));
 
+        // Read connections never create the file: one that vanished must not
+        // come back empty under the store.
         let manager = SqliteConnectionManager::file(path)
-            .with_flags(open_flags())
+            .with_flags(open_flags() - OpenFlags::SQLITE_OPEN_CREATE)
             .with_init(move |c| schema::configure(c, busy));
         let pool = r2d2::Pool::builder()
             .max_size(options.pool_size)
@@ -128,7 +144,21 @@ impl Db {
             thread: Some(thread),
             discards,
             reclaim,
+            file: file_id(path).map(|id| (path.to_path_buf(), id)),
         })
+    }
+
+    /// Fails if the database file was removed or replaced since it was
+    /// opened: the store's connections would go on using the old file.
+    fn check_file(&self, op: &'static str) -> StorageResult<()> {
+        match &self.file {
+            Some((path, id)) if file_id(path).as_ref() != Some(id) => Err(StorageError::internal(
+                op,
+                "the database file was removed or replaced while the store was open; \
+                 reopen the store",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Runs `f` with a pooled connection on the blocking pool.
@@ -137,6 +167,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
     {
+        self.check_file(op)?;
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || read_blocking(&pool, op, f))
             .await
@@ -154,6 +185,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
     {
+        self.check_file(op)?;
         let (ack, done) = oneshot::channel();
         let call: Call = Box::new(move |c| {
             let _ = ack.send(f(c));
@@ -175,6 +207,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
     {
+        self.check_file(op)?;
         let (ack, done) = oneshot::channel();
         let slot = Arc::new(Mutex::new(None));
         let out = slot.clone();
@@ -202,9 +235,14 @@ impl Db {
         done.await.map_err(|_| writer_gone(op))?
     }
 
-    /// Stores one chunk through the writer thread; blocks the calling
-    /// (blocking-pool) thread until it is committed or has failed.
-    pub fn stage_chunk_blocking(&self, insert: ChunkInsertArgs) -> StorageResult<()> {
+    /// Queues one chunk for the writer thread, blocking the calling
+    /// (blocking-pool) thread only while the queue is full, and returns
+    /// where the outcome of storing it will arrive: the caller goes on
+    /// compressing while SQLite stores (and checkpoints).
+    pub fn queue_chunk_blocking(
+        &self,
+        insert: ChunkInsertArgs,
+    ) -> StorageResult<oneshot::Receiver<StorageResult<()>>> {
         let op = "write_chunk";
         let (ack, done) = oneshot::channel();
         let cmd = Command::Chunk(ChunkInsert {
@@ -218,7 +256,7 @@ impl Db {
         self.sender(op)?
             .blocking_send(cmd)
             .map_err(|_| writer_gone(op))?;
-        done.blocking_recv().map_err(|_| writer_gone(op))?
+        Ok(done)
     }
 
     /// Asks the writer thread to discard a staged part soon, without
@@ -275,6 +313,20 @@ pub(crate) fn read_blocking<T>(
 ) -> StorageResult<T> {
     let conn = pool.get().map_err(|e| from_pool(op, e))?;
     f(&conn)
+}
+
+/// A file's device and inode (where the platform has them).
+type FileId = (u64, u64);
+
+#[cfg(unix)]
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_path: &Path) -> Option<FileId> {
+    None
 }
 
 fn writer_gone(op: &'static str) -> StorageError {

@@ -93,9 +93,9 @@ impl Reads {
 
     /// The part a download route names: the finished part with the highest
     /// token in the slot `(tenant, job, resource_type, part_index)` of file
-    /// type `output`, or else of file type `error` (the route does not name
-    /// a file type; HFS names error files after their own resource type).
-    /// `None` when neither exists.
+    /// type `output`, or else of file type `error`: the route does not name
+    /// a file type, so an output part shadows an error part of the same
+    /// resource type and index. `None` when neither exists.
     pub async fn resolve(
         &self,
         tenant: &str,
@@ -103,13 +103,8 @@ impl Reads {
         resource_type: &str,
         part_index: u32,
     ) -> StorageResult<Option<PartRow>> {
-        let output = ExportPartKey::output(
-            tenant,
-            ExportJobId::from(job),
-            resource_type,
-            part_index,
-            0,
-        );
+        let output =
+            ExportPartKey::output(tenant, ExportJobId::from(job), resource_type, part_index, 0);
         output.validate(OP)?;
         self.blocking(move |pool| {
             read_blocking(pool, OP, |c| {
@@ -139,7 +134,10 @@ impl Reads {
         let (id, n, at) = (part.id, part.chunk_count, (range.start, range.end - 1));
         self.blocking(move |pool| {
             read_blocking(pool, OP, |c| {
-                Ok((chunk_holding(c, id, n, at.0)?, chunk_holding(c, id, n, at.1)?))
+                Ok((
+                    chunk_holding(c, id, n, at.0)?,
+                    chunk_holding(c, id, n, at.1)?,
+                ))
             })
         })
         .await
@@ -176,7 +174,9 @@ impl<T> Future for Spawned<T> {
     type Output = StorageResult<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|r| r.map_err(join_error)?)
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(join_error)?)
     }
 }
 
@@ -320,10 +320,17 @@ impl Identity {
         } else if self.next_seq > self.last_seq && end < self.range.end {
             return Err(StorageError::corrupt(
                 OP,
-                format!("the part ends at byte {end} where {} were recorded", self.part.byte_count),
+                format!(
+                    "the part ends at byte {end} where {} were recorded",
+                    self.part.byte_count
+                ),
             ));
         }
-        let from = self.range.start.saturating_sub(offset).min(bytes.len() as u64) as usize;
+        let from = self
+            .range
+            .start
+            .saturating_sub(offset)
+            .min(bytes.len() as u64) as usize;
         let to = (self.range.end.min(end) - offset) as usize;
         let mut bytes = Bytes::from(bytes);
         if (from, to) != (0, bytes.len()) {

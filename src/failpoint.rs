@@ -30,10 +30,10 @@
 ///   batch is not committed.
 /// - `writer.batch.before_commit`: a batch of chunks is inserted, not committed.
 /// - `writer.batch.after_commit`: a batch of chunks is committed, not acknowledged.
-/// - `finalize.before_commit`: the part passed every check and is flagged
-///   finished inside the transaction, not committed.
-/// - `finalize.after_commit`: the finalize transaction is committed, and
-///   `finalize_part` has not returned.
+/// - `finalize.before_commit`: a group of finalizes passed their checks and
+///   flagged their parts finished inside one transaction, not committed.
+/// - `finalize.after_commit`: that transaction is committed (and synced),
+///   and no `finalize_part` of the group has returned.
 /// - `delete.before_commit` / `delete.after_commit`: a job or tenant delete,
 ///   around its commit.
 /// - `reclaim.before_commit` / `reclaim.after_commit`: one batch of
@@ -136,14 +136,14 @@ mod armed {
             match field {
                 "abort" => action = Action::Abort,
                 "pause" => action = Action::Pause,
-                n => {
-                    match n.parse::<u64>() {
-                        Ok(n) if n >= 1 => nth = n,
-                        _ => return Err(format!(
+                n => match n.parse::<u64>() {
+                    Ok(n) if n >= 1 => nth = n,
+                    _ => {
+                        return Err(format!(
                             "{n:?} is neither a hit number (1, 2, …) nor an action (abort, pause)"
-                        )),
+                        ))
                     }
-                }
+                },
             }
         }
         Ok(Armed {

@@ -266,9 +266,11 @@ mod tests {
         submit.validate("t").unwrap();
     }
 
+    type Mutation = Box<dyn Fn(&mut ExportPartKey)>;
+
     #[test]
     fn invalid_keys_are_rejected_by_category() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut ExportPartKey)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             ("empty tenant", Box::new(|k| k.tenant_id.clear())),
             ("empty job", Box::new(|k| k.job_id = ExportJobId::from(""))),
             ("empty type", Box::new(|k| k.resource_type.clear())),

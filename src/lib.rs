@@ -42,14 +42,16 @@ mod db;
 mod download;
 mod error;
 pub mod failpoint;
+#[cfg(feature = "helios")]
+pub mod helios;
 mod key;
 pub mod localfs;
 pub mod maintenance;
 mod options;
 mod reader;
+pub mod schema;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod schema;
 pub mod sql;
 mod store;
 pub mod synthetic;

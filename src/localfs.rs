@@ -24,8 +24,9 @@
 //! - finalizing checks that the file holds `writer.byte_count` bytes before
 //!   it publishes, and publishing is one atomic rename, which also replaces
 //!   an earlier version of the same key;
-//! - a reader opened before a delete or a replacement keeps reading the
-//!   version it opened, whole (an open file outlives its name);
+//! - a reader is the part's file; if the part was deleted or replaced while
+//!   it was read, the read ends in an error (checked when the file's end is
+//!   reached), never in bytes reported as the current part;
 //! - deletes are idempotent and scoped to exactly one tenant (and job).
 //!
 //! What it does not do, as HFS's store does not: store-side fencing (a part
@@ -34,6 +35,7 @@
 //! content on read.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -301,6 +303,68 @@ impl Drop for FileSink {
     }
 }
 
+/// The reader behind `open_reader`: the part's file, plus one check at its
+/// end that the name still leads to the file that was read (on Unix, where a
+/// reader can outlive a delete or a rename over its file).
+struct FileReader {
+    file: tokio::fs::File,
+    path: PathBuf,
+    opened: Option<std::fs::Metadata>,
+    check: Option<tokio::task::JoinHandle<bool>>,
+    done: bool,
+}
+
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        a.dev() == b.dev() && a.ino() == b.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        // Elsewhere an open file cannot be deleted or replaced.
+        let _ = (a, b);
+        true
+    }
+}
+
+impl AsyncRead for FileReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.check.is_none() && !this.done {
+            let before = out.filled().len();
+            std::task::ready!(Pin::new(&mut this.file).poll_read(cx, out))?;
+            if out.filled().len() > before || out.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let (path, opened) = (this.path.clone(), this.opened.take());
+            this.check = Some(tokio::task::spawn_blocking(move || {
+                match (opened, std::fs::metadata(path)) {
+                    (Some(a), Ok(b)) => same_file(&a, &b),
+                    _ => false,
+                }
+            }));
+        }
+        if let Some(check) = this.check.as_mut() {
+            let same = std::task::ready!(Pin::new(check).poll(cx)).unwrap_or(false);
+            this.check = None;
+            this.done = true;
+            if !same {
+                let e = StorageError::not_found(
+                    "read",
+                    "the part was deleted or replaced while it was being read",
+                );
+                return Poll::Ready(Err(e.into()));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 #[async_trait]
 impl ExportOutputStore for LocalFsOutputStore {
     async fn open_writer(&self, key: &ExportPartKey) -> StorageResult<ExportPartWriter> {
@@ -394,8 +458,21 @@ impl ExportOutputStore for LocalFsOutputStore {
     ) -> StorageResult<Pin<Box<dyn AsyncRead + Send>>> {
         let op = "open_reader";
         key.validate(op)?;
-        match tokio::fs::File::open(self.part_path(key)).await {
-            Ok(file) => Ok(Box::pin(file)),
+        let path = self.part_path(key);
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                let opened = file
+                    .metadata()
+                    .await
+                    .map_err(|e| io_failure(op, "stat file", e).with_part(key.display()))?;
+                Ok(Box::pin(FileReader {
+                    file,
+                    path,
+                    opened: Some(opened),
+                    check: None,
+                    done: false,
+                }))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::not_found(
                 op,
                 "no finished part under this key",
@@ -571,7 +648,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn finalizing_again_replaces_and_an_open_reader_keeps_its_version() {
+    async fn a_read_that_meets_a_replacement_or_a_delete_ends_in_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalFsOutputStore::new(dir.path(), "http://h").unwrap();
         let k = key("t", "j", "P", 0, 1);
@@ -579,9 +656,16 @@ mod tests {
         let mut reader = store.open_reader(&k).await.unwrap();
         write(&store, &k, &["new"]).await.unwrap();
         let mut seen = String::new();
-        reader.read_to_string(&mut seen).await.unwrap();
-        assert_eq!(seen, "old\n");
+        let e = reader.read_to_string(&mut seen).await.unwrap_err();
+        assert!(StorageError::from_io("read", e).is_not_found());
         assert_eq!(read_all(&store, &k).await.unwrap(), b"new\n");
+        let mut reader = store.open_reader(&k).await.unwrap();
+        let acme = TenantContext::new(TenantId::new("t"));
+        store
+            .delete_job_outputs(&acme, &ExportJobId::from("j"))
+            .await
+            .unwrap();
+        assert!(reader.read_to_end(&mut Vec::new()).await.is_err());
     }
 
     #[tokio::test]

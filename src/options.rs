@@ -111,8 +111,9 @@ impl StoreOptions {
         self.staging_retry = timeout;
         self
     }
-    /// Chunks one writer may have in compression or storage at once before
-    /// it applies backpressure. Default 2; 1 to 16.
+    /// Chunks one writer may have in compression at once before it applies
+    /// backpressure (compressed chunks waiting for SQLite are bounded
+    /// separately, and cost only their frames). Default 2; 1 to 16.
     pub fn with_in_flight_chunks(mut self, n: usize) -> Self {
         self.in_flight_chunks = n;
         self

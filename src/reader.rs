@@ -35,6 +35,16 @@ struct Decoded {
 
 /// Fetches and decodes chunk `seq` of part `part_id`.
 pub(crate) fn fetch_chunk(pool: &Pool, part_id: i64, seq: u64) -> StorageResult<(u64, Vec<u8>)> {
+    fetch_chunk_into(pool, part_id, seq, Vec::new())
+}
+
+/// [`fetch_chunk`], decoding into `buf`'s allocation.
+fn fetch_chunk_into(
+    pool: &Pool,
+    part_id: i64,
+    seq: u64,
+    mut buf: Vec<u8>,
+) -> StorageResult<(u64, Vec<u8>)> {
     let op = "read";
     let row = read_blocking(pool, op, |c| {
         let row = sql::chunk(c, part_id, seq).map_err(|e| from_sqlite(op, e))?;
@@ -52,8 +62,8 @@ pub(crate) fn fetch_chunk(pool: &Pool, part_id: i64, seq: u64) -> StorageResult<
         Ok(row)
     })?
     .expect("checked above");
-    let bytes = codec::decompress(&row.frame, row.raw_len as usize).map_err(|e| e.in_op(op))?;
-    Ok((row.raw_offset, bytes))
+    codec::decompress_into(&row.frame, row.raw_len as usize, &mut buf).map_err(|e| e.in_op(op))?;
+    Ok((row.raw_offset, buf))
 }
 
 /// The reader behind `open_reader`.
@@ -66,6 +76,10 @@ pub(crate) struct PartReader {
     next_fetch: u64,
     pending: VecDeque<JoinHandle<StorageResult<Decoded>>>,
     current: Vec<u8>,
+    /// Consumed chunk buffers, handed to the next fetches: allocating a
+    /// fresh chunk buffer per fetch, on whichever blocking thread ran it,
+    /// left the allocator holding tens of MiB after a long read.
+    spare: Vec<Vec<u8>>,
     pos: usize,
     received: u64,
     digest: Option<ContentDigest>,
@@ -89,6 +103,7 @@ impl PartReader {
             next_fetch: 0,
             pending: VecDeque::new(),
             current: Vec::new(),
+            spare: Vec::new(),
             pos: 0,
             received: 0,
             digest: Some(ContentDigest::new()),
@@ -99,9 +114,11 @@ impl PartReader {
     fn fill_queue(&mut self) {
         while self.pending.len() < self.read_ahead && self.next_fetch < self.part.chunk_count {
             let (pool, id, seq) = (self.pool.clone(), self.part.id, self.next_fetch);
+            let buf = self.spare.pop().unwrap_or_default();
             self.next_fetch += 1;
             self.pending.push_back(self.runtime.spawn_blocking(move || {
-                fetch_chunk(&pool, id, seq).map(|(raw_offset, bytes)| Decoded { raw_offset, bytes })
+                fetch_chunk_into(&pool, id, seq, buf)
+                    .map(|(raw_offset, bytes)| Decoded { raw_offset, bytes })
             }));
         }
     }
@@ -132,7 +149,10 @@ impl PartReader {
         if last || self.received > self.part.byte_count {
             self.verify_end()?;
         }
-        self.current = d.bytes;
+        let used = std::mem::replace(&mut self.current, d.bytes);
+        if self.spare.len() < self.read_ahead {
+            self.spare.push(used);
+        }
         self.pos = 0;
         Ok(())
     }

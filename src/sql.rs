@@ -300,7 +300,11 @@ pub fn discard_staged_by_id(conn: &Connection, id: i64) -> rusqlite::Result<usiz
 
 /// Where chunk `seq` of a part sits: `(raw_offset, raw_len)`. Reads no
 /// frame bytes, so a Range request can locate its first frame cheaply.
-pub fn chunk_span(conn: &Connection, part_id: i64, seq: u64) -> rusqlite::Result<Option<(u64, u64)>> {
+pub fn chunk_span(
+    conn: &Connection,
+    part_id: i64,
+    seq: u64,
+) -> rusqlite::Result<Option<(u64, u64)>> {
     conn.prepare_cached("SELECT raw_offset, raw_len FROM chunks WHERE part_id = ?1 AND seq = ?2")?
         .query_row(params![part_id, seq as i64], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
@@ -498,6 +502,8 @@ mod tests {
         assert_eq!((row.id, row.byte_count, row.fencing_token), (id, 7, 3));
         assert_eq!(chunk(&c, id, 1).unwrap().unwrap().frame, b"de");
         assert_eq!(chunk(&c, id, 2).unwrap(), None);
+        assert_eq!(chunk_span(&c, id, 1).unwrap(), Some((5, 2)));
+        assert_eq!(chunk_span(&c, id, 2).unwrap(), None);
         assert_eq!(find_latest_in_slot(&c, &key(0)).unwrap().unwrap().id, id);
     }
 

@@ -84,7 +84,11 @@ struct Core {
 ///   while a part in its slot carries a higher token;
 /// - a reader returns the exact bytes written, or an error: never short or
 ///   mixed data;
-/// - memory per writer and reader is bounded by a few chunks.
+/// - memory per writer and reader is bounded by a few chunks;
+/// - a writer keeps the database open on its own: after every clone of its
+///   store is dropped it still accepts bytes, but only the store that opened
+///   it can finalize it. A store opened anew on the same file refuses it as
+///   invalid input, and dropping the writer discards its staging.
 #[derive(Clone)]
 pub struct SqliteOutputStore {
     core: Arc<Core>,
@@ -127,8 +131,9 @@ impl SqliteOutputStore {
         Self::build(path.as_ref().to_path_buf(), base_url, options, None)
     }
 
-    /// A store in a fresh temporary file, removed when the last clone (and
-    /// the last writer or reader) is dropped. For test fixtures.
+    /// A store in a fresh temporary file, removed when the last clone is
+    /// dropped (writers and readers that outlive every clone may then fail).
+    /// For test fixtures.
     pub fn temporary(base_url: &str) -> StorageResult<Self> {
         Self::temporary_with(base_url, StoreOptions::default())
     }
@@ -200,20 +205,10 @@ impl SqliteOutputStore {
     /// (the key's own token is ignored): what a download route serves. Its
     /// token is [`PartInfo::fencing_token`].
     pub async fn latest_in_slot(&self, key: &ExportPartKey) -> StorageResult<PartInfo> {
-        let op = "latest_in_slot";
-        key.validate(op)?;
-        let k = key.clone();
         let row = self
-            .core
-            .db
-            .read(op, move |c| {
-                sql::find_latest_in_slot(c, &k).map_err(|e| from_sqlite(op, e))
-            })
-            .await
-            .map_err(|e| e.or_part(key.display()))?;
-        row.map(|r| PartInfo::from(&r)).ok_or_else(|| {
-            StorageError::not_found(op, "no finished part in this slot").with_part(key.display())
-        })
+            .find_part(key, "latest_in_slot", sql::find_latest_in_slot)
+            .await?;
+        Ok(PartInfo::from(&row))
     }
 
     /// The database bridge, for the crate's other modules.
@@ -232,14 +227,23 @@ impl SqliteOutputStore {
     }
 
     async fn finished(&self, key: &ExportPartKey, op: &'static str) -> StorageResult<PartRow> {
+        self.find_part(key, op, sql::find_finished).await
+    }
+
+    /// Validates `key`, then looks a finished part up with `find`; none is
+    /// not found.
+    async fn find_part(
+        &self,
+        key: &ExportPartKey,
+        op: &'static str,
+        find: fn(&Connection, &ExportPartKey) -> rusqlite::Result<Option<PartRow>>,
+    ) -> StorageResult<PartRow> {
         key.validate(op)?;
         let k = key.clone();
         let row = self
             .core
             .db
-            .read(op, move |c| {
-                sql::find_finished(c, &k).map_err(|e| from_sqlite(op, e))
-            })
+            .read(op, move |c| find(c, &k).map_err(|e| from_sqlite(op, e)))
             .await
             .map_err(|e| e.or_part(key.display()))?;
         row.ok_or_else(|| {

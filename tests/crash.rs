@@ -270,6 +270,15 @@ fn run_child(test: &str, db: &Path, run: u32, rounds: u32, death: Death) -> Outc
             child.wait().unwrap()
         }
         Death::KillAfter(d) => {
+            // The delay runs from the moment the store is open, so that a
+            // slow start on a loaded machine does not eat it.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while std::fs::metadata(&report).map_or(true, |m| m.len() == 0) {
+                if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
             std::thread::sleep(d);
             let _ = child.kill();
             child.wait().unwrap()
@@ -523,22 +532,29 @@ fn dies_at_random_moments_and_loses_nothing_finalized() {
     // One file for every run: each child starts on the debris of the last.
     let db = dir.path().join("random.db");
     let (mut parts, mut mid_work) = (0, 0);
+    let mut last_steps: BTreeMap<String, u32> = BTreeMap::new();
     for run in 0..RUNS {
-        let delay = Duration::from_millis(30 + rng.below(700));
+        let delay = Duration::from_millis(rng.below(600));
         let out = run_child(test, &db, run, 1000, Death::KillAfter(delay));
         let told = parse(&out.report);
+        let last = out
+            .report
+            .last()
+            .map_or("nothing", |l| l.split(' ').next().unwrap());
+        *last_steps.entry(last.to_string()).or_default() += 1;
         if !told.finalized.is_empty() {
             mid_work += 1;
         }
         parts += rt.block_on(check_after_death(
             &db,
             &told,
-            &format!("run {run} killed after {delay:?}"),
+            &format!("run {run} killed {delay:?} after it opened the store"),
         ));
     }
     println!(
         "random crashes: {RUNS} children killed by SIGKILL, {mid_work} of them after finalizing \
-         parts; {parts} finalized parts read back intact"
+         parts; {parts} finalized parts read back intact; last step completed before death: \
+         {last_steps:?}"
     );
     assert!(
         mid_work >= RUNS / 2,

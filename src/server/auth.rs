@@ -108,11 +108,12 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
-/// `Some(Ok((expires, signature)))` for a well-formed signed query,
-/// `Some(Err(()))` for a query that carries signing parameters but not
-/// exactly one of each, `None` when it carries none.
-#[allow(clippy::type_complexity)]
-fn signed_query(query: Option<&str>) -> Option<Result<(u64, &str), ()>> {
+/// The `(expires, signature)` of a signed query, or `Err(())` when its
+/// signing parameters are not exactly one well-formed of each.
+type SignedQuery<'q> = Result<(u64, &'q str), ()>;
+
+/// The signing parameters of a query; `None` when it carries none.
+fn signed_query(query: Option<&str>) -> Option<SignedQuery<'_>> {
     let (mut expires, mut signature, mut seen) = (Vec::new(), Vec::new(), false);
     for pair in query.unwrap_or("").split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -162,7 +163,13 @@ mod tests {
         let ok = with_bearer("Bearer acme-secret-0123456789");
         assert_eq!(a.check("acme", p, &ok, None, 0), Ok(()));
         assert_eq!(
-            a.check("acme", p, &with_bearer("bearer  acme-secret-0123456789 "), None, 0),
+            a.check(
+                "acme",
+                p,
+                &with_bearer("bearer  acme-secret-0123456789 "),
+                None,
+                0
+            ),
             Ok(())
         );
         assert_eq!(
@@ -170,7 +177,13 @@ mod tests {
             Err(Denied::OtherTenant)
         );
         assert_eq!(
-            a.check("acme", p, &with_bearer("Bearer acme-secret-012345678"), None, 0),
+            a.check(
+                "acme",
+                p,
+                &with_bearer("Bearer acme-secret-012345678"),
+                None,
+                0
+            ),
             Err(Denied::BadToken)
         );
         assert_eq!(
@@ -215,6 +228,9 @@ mod tests {
                 "{bad}"
             );
         }
-        assert_eq!(a.check("acme", p, &none, Some("x=1"), 50), Err(Denied::Missing));
+        assert_eq!(
+            a.check("acme", p, &none, Some("x=1"), 50),
+            Err(Denied::Missing)
+        );
     }
 }

@@ -43,8 +43,13 @@ pub(super) async fn log_requests(req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         parts.headers.insert(REQUEST_ID, v);
     }
+    let expected = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     let body = Body::new(Logged {
         inner: body,
+        expected,
         id,
         method,
         path,
@@ -59,6 +64,8 @@ pub(super) async fn log_requests(req: Request, next: Next) -> Response {
 /// A response body that counts what it sends and logs when it ends.
 struct Logged {
     inner: Body,
+    /// `Content-Length`, when sent: hyper stops polling once it is reached.
+    expected: Option<u64>,
     id: String,
     method: String,
     path: String,
@@ -128,8 +135,9 @@ impl HttpBody for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        // An empty body may never be polled; one dropped midway lost its client.
-        let outcome = if self.inner.is_end_stream() {
+        // A body may be dropped unpolled at its end (empty, or its length
+        // reached); one dropped before that lost its client.
+        let outcome = if self.inner.is_end_stream() || self.expected == Some(self.bytes) {
             "complete"
         } else {
             "disconnected"

@@ -88,17 +88,35 @@ fn split_file(file: &str) -> Option<(String, u32)> {
     (n.to_string() == index && !resource_type.is_empty()).then(|| (resource_type.to_string(), n))
 }
 
-fn target(params: &RawPathParams, tenant: Option<String>) -> Result<Target, Response> {
-    let mut tenant = tenant;
-    let (mut job, mut file) = (None, None);
-    for (name, raw) in params {
-        let value = decode(raw).ok_or_else(|| {
-            outcome(
+/// Why a path names no part.
+enum BadPath {
+    /// Not valid percent-encoded UTF-8.
+    NotUtf8,
+    /// Not the shape of a download route.
+    NoPart,
+    /// An id the store refuses.
+    Invalid(StorageError),
+}
+
+impl BadPath {
+    fn response(self) -> Response {
+        match self {
+            BadPath::NotUtf8 => outcome(
                 StatusCode::BAD_REQUEST,
                 "invalid",
                 "the path is not valid percent-encoded UTF-8",
-            )
-        })?;
+            ),
+            BadPath::NoPart => no_part(),
+            BadPath::Invalid(e) => storage_error(&e),
+        }
+    }
+}
+
+fn target(params: &RawPathParams, tenant: Option<String>) -> Result<Target, BadPath> {
+    let mut tenant = tenant;
+    let (mut job, mut file) = (None, None);
+    for (name, raw) in params {
+        let value = decode(raw).ok_or(BadPath::NotUtf8)?;
         match name {
             "tenant" => tenant = Some(value),
             "job_id" => job = Some(value),
@@ -107,17 +125,15 @@ fn target(params: &RawPathParams, tenant: Option<String>) -> Result<Target, Resp
         }
     }
     let (Some(tenant), Some(job), Some(file)) = (tenant, job, file) else {
-        return Err(no_part());
+        return Err(BadPath::NoPart);
     };
-    let Some((resource_type, part_index)) = split_file(&file) else {
-        return Err(no_part());
-    };
+    let (resource_type, part_index) = split_file(&file).ok_or(BadPath::NoPart)?;
     for (what, v) in [
         ("tenant id", &tenant),
         ("job id", &job),
         ("resource type", &resource_type),
     ] {
-        check_id("download", what, v).map_err(|e| storage_error(&e))?;
+        check_id("download", what, v).map_err(BadPath::Invalid)?;
     }
     Ok(Target {
         tenant,
@@ -168,7 +184,7 @@ fn denied(d: Denied) -> Response {
     r
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, name: HeaderName) -> Option<&'h str> {
+fn header_str(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -190,7 +206,7 @@ async fn download(
 ) -> Response {
     let t = match target(&params, tenant) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(bad) => return bad.response(),
     };
     let path = route_path(&t.job, &t.resource_type, t.part_index);
     let now = SystemTime::now()
@@ -223,6 +239,13 @@ fn failed(e: &StorageError) -> Response {
 }
 
 async fn respond(app: &App, method: &Method, headers: &HeaderMap, part: PartRow) -> Response {
+    // The digest becomes the ETag: it must be what finalize records.
+    if part.digest.len() != 64 || !part.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return failed(&StorageError::corrupt(
+            "download",
+            "the part's recorded digest is malformed",
+        ));
+    }
     let range_header = header_str(headers, header::RANGE);
     // Ranges are served of the identity form only; an empty part has no
     // frames to send.
@@ -251,6 +274,9 @@ async fn respond(app: &App, method: &Method, headers: &HeaderMap, part: PartRow)
             .is_some_and(|ims| headers::not_modified_since(ims, rep.last_modified)),
     };
     if unchanged {
+        // A 304 carries validators and caching fields, not body metadata.
+        out.remove(header::CONTENT_TYPE);
+        out.remove(header::ACCEPT_RANGES);
         return (StatusCode::NOT_MODIFIED, out).into_response();
     }
 
@@ -260,7 +286,7 @@ async fn respond(app: &App, method: &Method, headers: &HeaderMap, part: PartRow)
     let ranged = range_header
         .filter(|_| {
             header_str(headers, header::IF_RANGE)
-                .map_or(true, |v| headers::if_range_holds(v, &rep.strong_etag, rep.last_modified))
+                .is_none_or(|v| headers::if_range_holds(v, &rep.strong_etag, rep.last_modified))
         })
         .and_then(|h| headers::parse_range(h, len));
     match ranged {
@@ -270,11 +296,12 @@ async fn respond(app: &App, method: &Method, headers: &HeaderMap, part: PartRow)
                 "invalid",
                 "the requested range starts at or past the end of the file",
             );
+            // The validators and Accept-Ranges still apply; the body is JSON.
+            out.remove(header::CONTENT_TYPE);
+            out.remove(header::CACHE_CONTROL);
             r.headers_mut().extend(out);
-            r.headers_mut().insert(
-                header::CONTENT_RANGE,
-                value(&format!("bytes */{len}")),
-            );
+            r.headers_mut()
+                .insert(header::CONTENT_RANGE, value(&format!("bytes */{len}")));
             return r;
         }
         Some(RangeAsk::Bytes(r)) => {
@@ -289,10 +316,16 @@ async fn respond(app: &App, method: &Method, headers: &HeaderMap, part: PartRow)
     }
     match rep.coding {
         Coding::Identity => {
-            out.insert(header::CONTENT_LENGTH, value(&(range.end - range.start).to_string()));
+            out.insert(
+                header::CONTENT_LENGTH,
+                value(&(range.end - range.start).to_string()),
+            );
         }
         Coding::Zstd => {
-            out.insert(header::CONTENT_LENGTH, value(&part.stored_bytes.to_string()));
+            out.insert(
+                header::CONTENT_LENGTH,
+                value(&part.stored_bytes.to_string()),
+            );
         }
         Coding::Gzip => {}
     }
@@ -343,19 +376,17 @@ async fn body(
             return Err(e);
         }
     }
-    let logged = stream.inspect_err(|e| {
-        tracing::warn!(error = %e, "download aborted mid-body");
-    });
+    // A failure from here on aborts the response; the request log names it.
     Ok(match coding {
         Coding::Gzip => {
-            let reader = StreamReader::new(logged.map_err(std::io::Error::from));
+            let reader = StreamReader::new(stream.map_err(std::io::Error::from));
             let gzip = async_compression::tokio::bufread::GzipEncoder::with_quality(
                 reader,
                 async_compression::Level::Fastest,
             );
-            Body::from_stream(ReaderStream::new(gzip))
+            Body::from_stream(ReaderStream::with_capacity(gzip, 64 * 1024))
         }
-        Coding::Identity | Coding::Zstd => Body::from_stream(logged),
+        Coding::Identity | Coding::Zstd => Body::from_stream(stream),
     })
 }
 
@@ -371,7 +402,14 @@ mod tests {
             split_file(&submit),
             Some((format!("submit-v1-{}", "ab".repeat(32)), 12))
         );
-        for bad in ["Patient", "Patient-", "-1", "Patient-01", "Patient-+1", "Patient-4294967296"] {
+        for bad in [
+            "Patient",
+            "Patient-",
+            "-1",
+            "Patient-01",
+            "Patient-+1",
+            "Patient-4294967296",
+        ] {
             assert_eq!(split_file(bad), None, "{bad}");
         }
     }

@@ -212,3 +212,24 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// Waits until every connection to `db` is closed and its write-ahead log
+/// is in the main file: a dropped store's last read connection may still be
+/// closing on the pool's background thread for a moment.
+pub fn settle(db: &Path) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    drop(c);
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new(&wal).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a connection to {} stayed open",
+            db.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

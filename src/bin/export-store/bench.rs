@@ -12,14 +12,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlite_export_store::{ExportJobId, ExportOutputStore, StoreOptions, DEFAULT_CHUNK_SIZE};
+use sqlite_export_store::{
+    ExportJobId, ExportOutputStore, SqliteOutputStore, StoreOptions, DEFAULT_CHUNK_SIZE,
+};
 
 mod workload;
 
 use workload::{
-    codec_run, delete_job, fill_job, hfs_parts, key, mb_per_s, quantile, read_part, sha256_run,
-    write_concurrently, write_part, BenchResult, Contenders, Corpus, Part, Which, HFS_BATCH,
-    READ_BUFFER,
+    codec_parallel, codec_run, delete_job, discard, fill_job, hfs_parts, key, mb_per_s, quantile,
+    read_part, settle, sha256_run, write_concurrently, write_part, BenchResult, Contenders, Corpus,
+    Part, Which, HFS_BATCH, READ_BUFFER,
 };
 
 /// Arguments of `export-store bench`.
@@ -28,7 +30,11 @@ pub struct Args {
     /// NDJSON per part in the write and read comparisons, in MiB.
     #[arg(long, default_value_t = 64)]
     size_mib: u64,
-    /// Fewer repetitions and fewer small parts (about a minute).
+    /// Also write one part of this many MiB of the first data set (with at
+    /// most 3 repetitions); 0 or `--quick` skips it.
+    #[arg(long, default_value_t = 512)]
+    large_mib: u64,
+    /// Fewer repetitions, fewer small parts, no large part.
     #[arg(long)]
     quick: bool,
     /// Repetitions of each throughput figure (default 5, or 3 with --quick).
@@ -56,7 +62,7 @@ pub struct Args {
     /// Instead of the table: write then read one part of this many GiB and
     /// report throughput and the process's peak RSS.
     #[arg(long)]
-    memory_gib: Option<u64>,
+    memory_gib: Option<f64>,
     /// Store option: raw KiB per chunk (default: the store's default).
     #[arg(long)]
     chunk_kib: Option<usize>,
@@ -83,6 +89,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 struct Plan {
     size: u64,
+    large: u64,
     reps: usize,
     small_parts: usize,
     chunk: usize,
@@ -123,7 +130,9 @@ async fn main(args: Args) -> BenchResult<()> {
             Err(e) => return Err(e),
         }
     }
-    if args.data == "synthetic" || args.data == "both" {
+    // The memory check measures the whole process: it holds one data set.
+    let wanted = args.data == "synthetic" || args.data == "both";
+    if wanted && (args.memory_gib.is_none() || corpora.is_empty()) {
         corpora.push(Arc::new(Corpus::synthetic(42, 16 << 20)));
     }
     if corpora.is_empty() {
@@ -131,12 +140,14 @@ async fn main(args: Args) -> BenchResult<()> {
     }
 
     if let Some(gib) = args.memory_gib {
-        return memory_check(&corpora[0], gib << 30, options, &dir).await;
+        let bytes = (gib.max(0.0) * (1u64 << 30) as f64) as u64;
+        return memory_check(&corpora[0], bytes, options, &dir).await;
     }
 
     let all = "write,concurrent,read,small,delete,ratio";
     let plan = Plan {
         size: args.size_mib << 20,
+        large: if args.quick { 0 } else { args.large_mib << 20 },
         reps: args.reps.unwrap_or(if args.quick { 3 } else { 5 }).max(1),
         small_parts: args
             .small_parts
@@ -154,6 +165,13 @@ async fn main(args: Args) -> BenchResult<()> {
             .map(|s| s.trim().to_string())
             .collect(),
     };
+    if let Some(g) = plan
+        .groups
+        .iter()
+        .find(|g| !all.split(',').any(|a| a == *g))
+    {
+        return Err(format!("--groups: no group {g:?} (there are {all})").into());
+    }
     println!(
         "store: {} KiB chunks, zstd {}, {:?}; files in {}",
         plan.chunk >> 10,
@@ -177,10 +195,13 @@ async fn main(args: Args) -> BenchResult<()> {
     let mut table = Table::default();
     let mut compress_rate = None;
     for corpus in &corpora {
-        let rate = write_group(&plan, corpus, &mut table).await?;
+        let rate = write_group(&plan, corpus, plan.size, plan.reps, &mut table).await?;
         compress_rate = compress_rate.or(rate);
     }
     let primary = &corpora[0];
+    if plan.large > 0 && plan.runs("write") {
+        write_group(&plan, primary, plan.large, plan.reps.min(3), &mut table).await?;
+    }
     if plan.runs("concurrent") {
         concurrent_group(&plan, primary, compress_rate, &mut table).await?;
     }
@@ -229,24 +250,32 @@ impl Samples {
     }
 }
 
+/// Writes `part` as part `index` of `job`; returns the time taken.
 async fn timed_write(
     c: &Contenders,
     which: Which,
     part: &Part,
-) -> BenchResult<(Duration, ExportJobId)> {
-    let job = ExportJobId::new();
+    job: &ExportJobId,
+    index: u32,
+) -> BenchResult<Duration> {
+    settle();
     let t = Instant::now();
-    write_part(c.get(which), &key(&job, 0), part).await?;
-    Ok((t.elapsed(), job))
+    write_part(c.get(which), &key(job, index), part).await?;
+    let spent = t.elapsed();
+    discard(c, which, job).await?;
+    Ok(spent)
 }
 
-/// Write one part; returns the single-thread compression rate (bytes/s).
+/// Write one part of `size` bytes; returns the single-thread compression
+/// rate (bytes/s).
 async fn write_group(
     plan: &Plan,
     corpus: &Arc<Corpus>,
+    size: u64,
+    reps: usize,
     table: &mut Table,
 ) -> BenchResult<Option<f64>> {
-    let part = corpus.part_of_size(plan.size);
+    let part = corpus.part_of_size(size);
     let bytes = part.bytes();
     let c = Contenders::open(&plan.dir, plan.options.clone())?;
     let (mut ceiling, mut sha) = (Samples::default(), Samples::default());
@@ -254,30 +283,36 @@ async fn write_group(
     let order = [Which::Store, Which::Fs, Which::FsSync];
     if !plan.runs("write") {
         // The concurrent group still needs the compression rate.
-        for _ in 0..plan.reps {
+        for _ in 0..reps {
             ceiling
                 .0
                 .push(codec_run(&part, plan.chunk, plan.level, false).compress);
         }
         return Ok(Some(bytes as f64 / ceiling.median().as_secs_f64()));
     }
-    for _ in 0..plan.reps {
+    let job = ExportJobId::new();
+    for rep in 0..reps {
         ceiling
             .0
             .push(codec_run(&part, plan.chunk, plan.level, false).compress);
         sha.0.push(sha256_run(&part));
         for (i, w) in order.iter().enumerate() {
-            let (d, job) = timed_write(&c, *w, &part).await?;
-            by[i].0.push(d);
-            delete_job(c.get(*w), &job).await?;
+            by[i]
+                .0
+                .push(timed_write(&c, *w, &part, &job, rep as u32).await?);
         }
     }
-    let group = format!("write 1 part, {} MiB {}", bytes >> 20, corpus.name);
+    let runs = if reps == plan.reps {
+        String::new()
+    } else {
+        format!(" ({reps} runs)")
+    };
+    let group = format!("write 1 part, {} MiB {}{runs}", bytes >> 20, corpus.name);
     let ceil = ceiling.median();
     let sync = by[2].median();
     table.row(
         &group,
-        "zstd-3 compress, 1 thread (ceiling)",
+        &format!("zstd-{} compress, 1 thread (ceiling)", plan.level),
         mbs(bytes, ceil, &ceiling),
         "1.00×",
         ratio(sync, ceil),
@@ -301,12 +336,20 @@ async fn write_group(
     }
     let store = by[0].median();
     table.target(
-        &format!("write 1 part ({}) ≥ 0.90× zstd-3 1 thread", corpus.name),
+        &format!(
+            "write 1 part ({} MiB {}) ≥ 0.90× zstd-3 1 thread",
+            bytes >> 20,
+            corpus.name
+        ),
         ceil.as_secs_f64() / store.as_secs_f64(),
         0.90,
     );
     table.target(
-        &format!("write 1 part ({}) ≥ 2.5× local fs + fsync", corpus.name),
+        &format!(
+            "write 1 part ({} MiB {}) ≥ 2.5× local fs + fsync",
+            bytes >> 20,
+            corpus.name
+        ),
         sync.as_secs_f64() / store.as_secs_f64(),
         2.5,
     );
@@ -328,11 +371,17 @@ async fn concurrent_group(
         let bytes: u64 = parts.iter().map(Part::bytes).sum();
         let order = [Which::Store, Which::Fs, Which::FsSync];
         let mut by = [Samples::default(), Samples::default(), Samples::default()];
+        let mut cores = Samples::default();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         for _ in 0..plan.reps {
+            cores
+                .0
+                .push(codec_parallel(&parts, plan.chunk, plan.level, threads));
             for (i, w) in order.iter().enumerate() {
-                let (d, job) = write_concurrently(c.shared(*w), &parts).await?;
-                by[i].0.push(d);
-                delete_job(c.get(*w), &job).await?;
+                settle();
+                let (spent, job) = write_concurrently(c.shared(*w), &parts).await?;
+                by[i].0.push(spent);
+                discard(&c, *w, &job).await?;
             }
         }
         let group = format!(
@@ -342,6 +391,16 @@ async fn concurrent_group(
         );
         let sync = by[2].median();
         let ceil = compress_rate.map(|r| Duration::from_secs_f64(bytes as f64 / r));
+        table.row(
+            &group,
+            &format!(
+                "zstd-{} compress, {threads} threads (reference)",
+                plan.level
+            ),
+            mbs(bytes, cores.median(), &cores),
+            ceil.map(|c| ratio(c, cores.median())).unwrap_or_default(),
+            ratio(by[2].median(), cores.median()),
+        );
         for (i, w) in order.iter().enumerate() {
             let m = by[i].median();
             let vs_ceiling = ceil.map(|c| ratio(c, m)).unwrap_or_default();
@@ -437,9 +496,6 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
             lat[j].push(t.elapsed());
         }
     }
-    for (j, w) in order.iter().enumerate() {
-        delete_job(c.get(*w), &jobs[j]).await?;
-    }
     let mean_bytes = parts.iter().map(Part::bytes).sum::<u64>() / parts.len() as u64;
     let group = format!(
         "{} HFS parts of 1,000 resources (~{:.1} MB), open→finalize",
@@ -502,16 +558,14 @@ async fn delete_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> B
 }
 
 /// The Synthea sample as HFS would export it (one part per 1,000 resources
-/// of a type): NDJSON bytes over stored frame bytes, and over the database
-/// file's growth.
+/// of a type): NDJSON bytes over stored frame bytes, and over the size of the
+/// database file once the store is closed (pages, indexes and all).
 async fn ratio_group(plan: &Plan, synthea: &std::path::Path, table: &mut Table) -> BenchResult<()> {
-    let c = Contenders::open(&plan.dir, plan.options.clone())?;
-    let db = c.store.path().to_path_buf();
-    let file_size = |p: &std::path::Path| {
-        let wal = p.with_extension("db-wal");
-        std::fs::metadata(p).map_or(0, |m| m.len()) + std::fs::metadata(wal).map_or(0, |m| m.len())
-    };
-    let before = file_size(&db);
+    let dir = tempfile::Builder::new()
+        .prefix("export-store-bench-")
+        .tempdir_in(&plan.dir)?;
+    let db = dir.path().join("ratio.db");
+    let store = SqliteOutputStore::open_with(&db, "http://bench", plan.options.clone())?;
     let job = ExportJobId::new();
     let (mut raw, mut stored, mut parts) = (0u64, 0u64, 0u32);
     let mut files: Vec<PathBuf> = std::fs::read_dir(synthea)?
@@ -533,17 +587,20 @@ async fn ratio_group(plan: &Plan, synthea: &std::path::Path, table: &mut Table) 
         for batch in lines.chunks(HFS_BATCH) {
             let k = key(&job, parts);
             parts += 1;
-            let mut w = c.store.open_writer(&k).await?;
+            let mut w = store.open_writer(&k).await?;
             for l in batch {
                 w.write_line(l).await?;
             }
-            c.store.finalize_part(&k, w).await?;
-            let info = c.store.part_info(&k).await?;
+            store.finalize_part(&k, w).await?;
+            let info = store.part_info(&k).await?;
             raw += info.size_bytes;
             stored += info.stored_bytes;
         }
     }
-    let grown = file_size(&db).saturating_sub(before);
+    // Closing the store checkpoints the WAL into the file and removes it.
+    drop(store);
+    let wal = dir.path().join("ratio.db-wal");
+    let file = std::fs::metadata(&db)?.len() + std::fs::metadata(&wal).map_or(0, |m| m.len());
     let group = format!(
         "Synthea sample as {parts} HFS parts, {:.1} MB",
         raw as f64 / 1e6
@@ -557,14 +614,18 @@ async fn ratio_group(plan: &Plan, synthea: &std::path::Path, table: &mut Table) 
     );
     table.row(
         &group,
-        "NDJSON ÷ database file growth",
-        format!("{:.1}×", raw as f64 / grown.max(1) as f64),
+        "NDJSON ÷ database file (closed)",
+        format!(
+            "{:.1}× ({:.2} MB)",
+            raw as f64 / file as f64,
+            file as f64 / 1e6
+        ),
         "",
         "",
     );
     table.target(
-        "stored bytes ≤ 1/12 of the Synthea NDJSON (ratio ≥ 12)",
-        raw as f64 / grown.max(1) as f64 / 12.0,
+        "stored bytes ≤ 1/12 of the Synthea NDJSON (file, ratio ÷ 12 ≥ 1)",
+        raw as f64 / file as f64 / 12.0,
         1.0,
     );
     Ok(())
@@ -588,13 +649,14 @@ async fn memory_check(
     let c = Contenders::open(dir, options)?;
     let job = ExportJobId::new();
     let k = key(&job, 0);
-    let t = Instant::now();
+    let (t, cpu0) = (Instant::now(), cpu_seconds());
     write_part(&c.store, &k, &part).await?;
-    let w = t.elapsed();
+    let (w, cpu1) = (t.elapsed(), cpu_seconds());
+    let after_write = peak_rss_mib();
     let mut buf = vec![0u8; READ_BUFFER];
     let t = Instant::now();
     let n = read_part(&c.store, &k, &mut buf).await?;
-    let r = t.elapsed();
+    let (r, cpu2) = (t.elapsed(), cpu_seconds());
     if n != part.bytes() {
         return Err(format!("read {n} bytes of {}", part.bytes()).into());
     }
@@ -609,8 +671,17 @@ async fn memory_check(
         info.chunk_count,
         info.size_bytes as f64 / info.stored_bytes as f64
     );
+    println!(
+        "CPU time (user + system, all threads): {:.2} s writing, {:.2} s reading",
+        cpu1 - cpu0,
+        cpu2 - cpu1
+    );
     let peak = peak_rss_mib();
-    println!("peak RSS of the whole process (VmHWM): {peak:.1} MiB (target < 64 MiB)");
+    println!(
+        "peak RSS of the whole process (VmHWM): {peak:.1} MiB (target < 64 MiB); \
+         {after_write:.1} MiB after the write; {} threads",
+        proc_status("Threads:").unwrap_or(0.0)
+    );
     println!("{}", load_line());
     Ok(())
 }
@@ -694,15 +765,35 @@ fn ms(d: Duration) -> String {
 
 /// Peak resident set of this process so far, from `/proc/self/status`.
 fn peak_rss_mib() -> f64 {
+    proc_status("VmHWM:").map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU time of this process so far (all threads, user + system), from
+/// `/proc/self/stat`, in seconds (assuming the usual 100 ticks per second).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime
+            // are the 14th and 15th fields of the line.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// A number from a line of `/proc/self/status`.
+fn proc_status(field: &str) -> Option<f64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
+                .and_then(|n| n.parse::<f64>().ok())
         })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn machine_line() -> String {

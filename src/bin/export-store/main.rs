@@ -29,7 +29,8 @@ enum Command {
     Serve(serve::Args),
     /// Delete staged parts whose writer is gone.
     Gc(ops::GcArgs),
-    /// Check every finished part and the database's integrity.
+    /// Check every finished part and the database's integrity (exit status
+    /// 0: all well; 3: problems found; 1: the check could not run).
     Verify(ops::VerifyArgs),
     /// Measure the store beside its baselines and print one table.
     Bench(bench::Args),

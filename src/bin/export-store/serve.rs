@@ -53,6 +53,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if !args.db.is_file() {
         return Err(format!("no store at {}", args.db.display()).into());
@@ -75,15 +76,16 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             .ok_or("--tenant-token takes TENANT=SECRET")?;
         config = config.with_token(tenant, secret.as_bytes());
     }
-    let open = args.tokens.is_empty()
-        && args.tenant_tokens.is_empty()
-        && args.signing_key_file.is_none();
+    let open =
+        args.tokens.is_empty() && args.tenant_tokens.is_empty() && args.signing_key_file.is_none();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.addr).await?;
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
         let addr = listener.local_addr()?;
         let base_url = args.base_url.unwrap_or_else(|| format!("http://{addr}"));
         let store = SqliteOutputStore::open_with(&args.db, &base_url, options)?;

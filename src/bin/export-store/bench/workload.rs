@@ -119,11 +119,6 @@ impl Corpus {
         self.lines.len()
     }
 
-    /// The corpus's own files as one text.
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
     /// A part of at least `bytes` bytes (whole lines), from the first line.
     pub fn part_of_size(self: &Arc<Self>, bytes: u64) -> Part {
         self.part_of_size_from(0, bytes)
@@ -177,11 +172,6 @@ impl Part {
     /// NDJSON bytes of the part (newlines included).
     pub fn bytes(&self) -> u64 {
         self.bytes
-    }
-
-    /// Lines of the part.
-    pub fn line_count(&self) -> usize {
-        self.count
     }
 
     /// The lines, without newlines.
@@ -258,6 +248,26 @@ pub fn codec_run(part: &Part, chunk_size: usize, level: i32, decompress: bool) -
         }
     });
     run
+}
+
+/// Compresses the chunks of `parts` on `threads` threads at once (each
+/// thread takes whole parts in turn), timing the wall clock: how much the
+/// machine's cores give when all of them compress.
+pub fn codec_parallel(parts: &[Part], chunk_size: usize, level: i32, threads: usize) -> Duration {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(part) = parts.get(i) else { break };
+                part.for_each_chunk(chunk_size, |chunk| {
+                    std::hint::black_box(codec::compress(chunk, level).expect("compress"));
+                });
+            });
+        }
+    });
+    t.elapsed()
 }
 
 /// SHA-256 of a part on one thread (what the store's content digest costs).
@@ -384,6 +394,17 @@ pub async fn read_part(
     }
 }
 
+/// After a timed write, untimed: removes the baseline's files (gigabytes of
+/// page cache otherwise pile up and slow every later run down), but keeps
+/// the store's parts, because a delete starts the store's idle-time space
+/// reclamation, which would run during the next contender's write.
+pub async fn discard(c: &Contenders, which: Which, job: &ExportJobId) -> BenchResult<()> {
+    if which != Which::Store {
+        delete_job(c.get(which), job).await?;
+    }
+    Ok(())
+}
+
 /// Deletes a bench job.
 pub async fn delete_job(store: &dyn ExportOutputStore, job: &ExportJobId) -> BenchResult<()> {
     let tenant = TenantContext::new(TenantId::new(TENANT));
@@ -413,22 +434,6 @@ pub async fn write_concurrently(
     Ok((t.elapsed(), job))
 }
 
-/// Writes one HFS-shaped part per entry of `parts`, one after another, and
-/// returns each part's open→finalize latency.
-pub async fn small_part_latencies(
-    store: &dyn ExportOutputStore,
-    job: &ExportJobId,
-    parts: &[Part],
-) -> BenchResult<Vec<Duration>> {
-    let mut out = Vec::with_capacity(parts.len());
-    for (i, p) in parts.iter().enumerate() {
-        let t = Instant::now();
-        write_part(store, &key(job, i as u32), p).await?;
-        out.push(t.elapsed());
-    }
-    Ok(out)
-}
-
 /// `n` HFS-shaped parts of `lines` resources each, spread over the corpus.
 pub fn hfs_parts(corpus: &Arc<Corpus>, n: usize, lines: usize) -> Vec<Part> {
     (0..n)
@@ -449,6 +454,13 @@ pub async fn fill_job(
         write_part(store, &key(&job, i as u32), p).await?;
     }
     Ok(job)
+}
+
+/// Flushes every file system's dirty pages (`sync`), untimed, before a
+/// timed run: otherwise a contender's fsync would wait behind the gigabytes
+/// a previous contender left in the page cache.
+pub fn settle() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 /// The value at quantile `q` (0..=1) of `xs`, nearest rank.

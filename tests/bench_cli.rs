@@ -1,0 +1,72 @@
+//! `export-store bench` runs end to end on small sizes and prints the table
+//! and the memory check a reader of the README is told to run.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_export-store"))
+        .arg("bench")
+        .args([
+            "--db-dir",
+            dir.path().to_str().unwrap(),
+            "--data",
+            "synthetic",
+        ])
+        .args(args)
+        .output()
+        .expect("run export-store bench");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing is left behind in the folder it was given.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{text}");
+    text
+}
+
+#[test]
+fn the_table_names_the_machine_every_contender_and_the_targets() {
+    let text = bench(&[
+        "--size-mib",
+        "2",
+        "--reps",
+        "1",
+        "--small-parts",
+        "3",
+        "--large-mib",
+        "0",
+        "--groups",
+        "write,concurrent,read,small",
+    ]);
+    for want in [
+        "machine: ",
+        "write 1 part, 2 MiB synthetic",
+        "zstd-3 compress, 1 thread (ceiling)",
+        "store (SQLite, zstd)",
+        "local fs + fsync",
+        "write 4 parts at once",
+        "write 16 parts at once",
+        "read 1 part",
+        "zstd decompress, 1 thread (ceiling)",
+        "HFS parts of 1,000 resources",
+        "peak RSS of this run (VmHWM)",
+        "targets:",
+        "≥ 0.90× zstd-3 1 thread",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn the_memory_check_writes_reads_and_reports_peak_rss() {
+    let text = bench(&["--memory-gib", "0.01"]);
+    assert!(
+        text.contains("peak RSS of the whole process (VmHWM)"),
+        "{text}"
+    );
+    assert!(text.contains("wrote 0.01 GiB"), "{text}");
+    assert!(text.contains("read it back"), "{text}");
+}

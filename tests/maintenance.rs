@@ -1,0 +1,477 @@
+//! The operator's API and CLI: reclaiming abandoned staging, pruning
+//! superseded parts, giving space back after deletes, verifying a store,
+//! and `export-store gc` / `export-store verify` run as real processes.
+
+mod faultkit;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use faultkit::{content, key, lines, read_part, write_part};
+use sqlite_export_store::maintenance::VerifyProgress;
+use sqlite_export_store::{
+    ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions, TenantContext,
+    TenantId,
+};
+
+const BASE: &str = "http://hfs.test";
+
+fn tenant(t: &str) -> TenantContext {
+    TenantContext::new(TenantId::new(t))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Staging left by a writer that died `age` ago: a staged row and a few
+/// chunks, written straight into the file as that writer had.
+fn dead_staging(db: &Path, k: &ExportPartKey, age: Duration) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.pragma_update(None, "foreign_keys", true).unwrap();
+    let id =
+        sqlite_export_store::sql::insert_staged(&c, k, now_ms() - age.as_millis() as i64).unwrap();
+    for seq in 0..3 {
+        let frame =
+            sqlite_export_store::codec::compress(b"{\"resourceType\":\"Patient\"}\n", 3).unwrap();
+        sqlite_export_store::sql::insert_chunk(&c, id, seq, seq * 27, 27, &frame).unwrap();
+    }
+}
+
+fn options() -> StoreOptions {
+    StoreOptions::default().with_chunk_size(2048)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_abandoned_removes_dead_staging_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gc.db");
+    let store = SqliteOutputStore::open_with(&db, BASE, options()).unwrap();
+    let done = key("acme", "job", "Patient", 0, 1);
+    write_part(&store, &done).await.unwrap();
+    // Old staging of dead writers, more than one batch of it.
+    for i in 0..150 {
+        dead_staging(
+            &db,
+            &key("acme", "dead", "Patient", i, 1),
+            Duration::from_secs(7200),
+        );
+    }
+    // Recent staging of a writer in another process, which may be alive.
+    let recent = key("acme", "recent", "Patient", 0, 1);
+    dead_staging(&db, &recent, Duration::from_secs(600));
+    // A live writer of this store, opened "long ago" as far as ZERO goes.
+    let live = key("acme", "live", "Encounter", 0, 1);
+    let mut w = store.open_writer(&live).await.unwrap();
+    w.write_line(&lines(&live)[0]).await.unwrap();
+
+    assert_eq!(
+        store
+            .reclaim_abandoned(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        150
+    );
+    assert_eq!(faultkit::census(&db).staged_parts, 2);
+    // With no age limit, only this store's live writer is spared.
+    assert_eq!(store.reclaim_abandoned(Duration::ZERO).await.unwrap(), 1);
+    let census = faultkit::census(&db);
+    assert_eq!((census.staged_parts, census.orphan_chunks), (1, 0));
+    for l in &lines(&live)[1..] {
+        w.write_line(l).await.unwrap();
+    }
+    store.finalize_part(&live, w).await.unwrap();
+    assert!(read_part(&store, &live).await.unwrap() == content(&live));
+    assert!(read_part(&store, &done).await.unwrap() == content(&done));
+    assert_eq!(store.reclaim_abandoned(Duration::ZERO).await.unwrap(), 0);
+    assert!(store.verify().await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_superseded_keeps_the_highest_token_per_slot() {
+    let store = SqliteOutputStore::temporary_with(BASE, options()).unwrap();
+    let job = "job";
+    // Slot 0: claimed three times, all finished.
+    for t in 1..=3 {
+        write_part(&store, &key("acme", job, "Patient", 0, t))
+            .await
+            .unwrap();
+    }
+    // Slot 1: only the first claim got there.
+    write_part(&store, &key("acme", job, "Patient", 1, 1))
+        .await
+        .unwrap();
+    // Slot 2: finished under token 1, being rewritten under token 2.
+    write_part(&store, &key("acme", job, "Patient", 2, 1))
+        .await
+        .unwrap();
+    let writing = key("acme", job, "Patient", 2, 2);
+    let mut w = store.open_writer(&writing).await.unwrap();
+    w.write_line(&lines(&writing)[0]).await.unwrap();
+    // The same slots in another job and another tenant.
+    let other_job = key("acme", "other", "Patient", 0, 1);
+    let other_tenant = key("acme/research", job, "Patient", 0, 1);
+    write_part(&store, &other_job).await.unwrap();
+    write_part(&store, &other_tenant).await.unwrap();
+
+    let pruned = store
+        .prune_superseded(&tenant("acme"), &ExportJobId::from(job))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3, "tokens 1 and 2 of slot 0, token 1 of slot 2");
+    for (k, kept) in [
+        (key("acme", job, "Patient", 0, 1), false),
+        (key("acme", job, "Patient", 0, 2), false),
+        (key("acme", job, "Patient", 0, 3), true),
+        (key("acme", job, "Patient", 1, 1), true),
+        (key("acme", job, "Patient", 2, 1), false),
+        (other_job.clone(), true),
+        (other_tenant.clone(), true),
+    ] {
+        let r = read_part(&store, &k).await;
+        if kept {
+            assert!(r.unwrap() == content(&k), "{} kept", k.display());
+        } else {
+            assert!(r.unwrap_err().is_not_found(), "{} pruned", k.display());
+        }
+    }
+    // The writer under the slot's highest token was left alone.
+    for l in &lines(&writing)[1..] {
+        w.write_line(l).await.unwrap();
+    }
+    store.finalize_part(&writing, w).await.unwrap();
+    assert!(read_part(&store, &writing).await.unwrap() == content(&writing));
+    assert_eq!(
+        store.latest_in_slot(&writing).await.unwrap().fencing_token,
+        2
+    );
+    assert_eq!(
+        store
+            .prune_superseded(&tenant("acme"), &ExportJobId::from(job))
+            .await
+            .unwrap(),
+        0,
+        "pruning again finds nothing"
+    );
+}
+
+/// NDJSON that zstd cannot shrink much, so that parts take real space.
+fn noisy(seed: u64, n: usize) -> Vec<String> {
+    let mut rng = faultkit::Rng(seed | 1);
+    (0..n)
+        .map(|i| {
+            let data: String = (0..1500)
+                .map(|_| {
+                    char::from(b'A' + rng.below(26) as u8 + if rng.below(2) == 0 { 32 } else { 0 })
+                })
+                .collect();
+            format!(r#"{{"resourceType":"Binary","id":"{seed}-{i}","data":"{data}"}}"#)
+        })
+        .collect()
+}
+
+async fn write_noisy(store: &SqliteOutputStore, k: &ExportPartKey, n: usize) {
+    let mut w = store.open_writer(k).await.unwrap();
+    for l in noisy(k.part_index as u64 + 1, n) {
+        w.write_line(&l).await.unwrap();
+    }
+    store.finalize_part(k, w).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_large_job_shrinks_the_file_in_the_background_without_stalling_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("space.db");
+    let store =
+        SqliteOutputStore::open_with(&db, BASE, StoreOptions::default().with_chunk_size(64 << 10))
+            .unwrap();
+    // A large job, then one that stays written after it: giving the large
+    // job's space back means moving every page of the one that stays.
+    for i in 0..24 {
+        write_noisy(&store, &key("acme", "large", "Binary", i, 1), 400).await;
+    }
+    let mut stays = Vec::new();
+    for i in 0..12 {
+        let k = key("acme", "stays", "Binary", i, 1);
+        write_noisy(&store, &k, 400).await;
+        stays.push(k);
+    }
+    store.reclaim_space().await.unwrap();
+    let full = store.space().await.unwrap();
+    let (file_full, _) = faultkit::disk_bytes(&db);
+    assert!(full.database_bytes() > 10 << 20, "{full:?}");
+
+    let deleted_at = Instant::now();
+    store
+        .delete_job_outputs(&tenant("acme"), &ExportJobId::from("large"))
+        .await
+        .unwrap();
+    let delete_took = deleted_at.elapsed();
+    // Parts written while the writer thread gives space back in steps wait
+    // for one step at most.
+    let mut slowest = Duration::ZERO;
+    let mut written = 0;
+    let emptied = loop {
+        let t = Instant::now();
+        let k = key("acme", "during", "Patient", written, 1);
+        write_part(&store, &k).await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        stays.push(k);
+        written += 1;
+        let now = store.space().await.unwrap();
+        if now.free_pages == 0 {
+            break now;
+        }
+        assert!(
+            deleted_at.elapsed() < Duration::from_secs(30),
+            "free pages stayed: {now:?}"
+        );
+    };
+    let shrunk = deleted_at.elapsed();
+    assert!(
+        emptied.database_bytes() * 3 < full.database_bytes() * 2,
+        "{full:?} -> {emptied:?}"
+    );
+    let (file_open, wal_open) = faultkit::disk_bytes(&db);
+    drop(store);
+    faultkit::settle(&db);
+    let (file_after, _) = faultkit::disk_bytes(&db);
+    assert!(
+        file_after * 3 < file_full * 2,
+        "the file itself shrank: {file_full} -> {file_after}"
+    );
+    println!(
+        "space: deleting a 24-part job ({:.1} MiB in the file, 12 parts after it) took {delete_took:?}; all free pages were \
+         given back {shrunk:?} after it, by the idle writer thread, while {written} parts were \
+         written (slowest {slowest:?}); file {:.1} MiB -> {:.1} MiB (WAL {:.1} MiB while open, \
+         {:.1} MiB file once closed)",
+        full.database_bytes() as f64 / 1048576.0,
+        file_full as f64 / 1048576.0,
+        file_open as f64 / 1048576.0,
+        wal_open as f64 / 1048576.0,
+        file_after as f64 / 1048576.0
+    );
+    let store = SqliteOutputStore::open_with(&db, BASE, options()).unwrap();
+    for k in &stays {
+        let want = if k.job_id.as_str() == "stays" {
+            noisy(k.part_index as u64 + 1, 400)
+                .iter()
+                .flat_map(|l| [l.as_bytes(), b"\n"].concat())
+                .collect()
+        } else {
+            content(k)
+        };
+        assert!(
+            read_part(&store, k).await.unwrap() == want,
+            "{}",
+            k.display()
+        );
+    }
+    assert!(store.verify().await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_thousand_part_job_returns_at_once_and_reclaim_space_frees_everything() {
+    let store =
+        SqliteOutputStore::temporary_with(BASE, StoreOptions::default().with_chunk_size(4096))
+            .unwrap();
+    // 1,000 parts of 1 to 40 resources each, by 16 concurrent workers.
+    let next = Arc::new(Mutex::new(0u32));
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, next) = (store.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap();
+                        *n += 1;
+                        *n - 1
+                    };
+                    if i >= 1000 {
+                        break;
+                    }
+                    write_part(&store, &key("acme", "big", "Encounter", i, 1))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let wrote = t.elapsed();
+    let before = store.space().await.unwrap();
+    let t = Instant::now();
+    store
+        .delete_job_outputs(&tenant("acme"), &ExportJobId::from("big"))
+        .await
+        .unwrap();
+    let delete_took = t.elapsed();
+    // Whatever the idle writer thread has not given back yet, this does.
+    let report = store.reclaim_space().await.unwrap();
+    let reclaimed = t.elapsed();
+    let after = store.space().await.unwrap();
+    println!(
+        "1,000-part job ({:.1} MiB in the file, written in {wrote:?} by 16 workers): \
+         delete_job_outputs took {delete_took:?}; every free page was given back \
+         {reclaimed:?} after the delete ({:.1} MiB by reclaim_space's {} steps, the rest by \
+         the idle writer thread)",
+        before.database_bytes() as f64 / 1048576.0,
+        report.bytes_freed as f64 / 1048576.0,
+        report.steps
+    );
+    assert_eq!(after.free_pages, 0);
+    assert!(
+        after.database_bytes() * 3 < before.database_bytes(),
+        "{before:?} -> {after:?}"
+    );
+    // The delete itself is one short transaction, whatever the vacuum does.
+    assert!(delete_took < Duration::from_secs(2), "{delete_took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_walks_every_part_and_reports_progress() {
+    let store = SqliteOutputStore::temporary_with(BASE, options()).unwrap();
+    let keys: Vec<_> = (0..12)
+        .map(|i| key("acme", "job", "Encounter", i, 1))
+        .collect();
+    for k in &keys {
+        write_part(&store, k).await.unwrap();
+    }
+    let staged = key("acme", "job", "Encounter", 99, 1);
+    let mut w = store.open_writer(&staged).await.unwrap();
+    w.write_line("{}").await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::<VerifyProgress>::new()));
+    let log = seen.clone();
+    let report = store
+        .verify_with_progress(move |p| log.lock().unwrap().push(*p))
+        .await
+        .unwrap();
+    let bytes: u64 = keys.iter().map(|k| content(k).len() as u64).sum();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(
+        (
+            report.parts_checked,
+            report.bytes_checked,
+            report.staged_parts
+        ),
+        (12, bytes, 1)
+    );
+    let seen = seen.lock().unwrap();
+    let last = seen.last().unwrap();
+    assert_eq!(
+        (
+            last.parts_done,
+            last.parts_total,
+            last.bytes_done,
+            last.bytes_total
+        ),
+        (12, 12, bytes, bytes)
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].bytes_done <= w[1].bytes_done),
+        "progress only grows"
+    );
+    assert!(
+        seen.len() > 12,
+        "progress comes per chunk, not only per part"
+    );
+    drop(w);
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_export-store"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_collects_garbage_and_verifies_with_the_right_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cli.db");
+    let path = db.to_str().unwrap();
+    let damaged = key("acme", "job", "Encounter", 0, 1);
+    {
+        let store = SqliteOutputStore::open_with(&db, BASE, options()).unwrap();
+        for i in 0..4 {
+            write_part(&store, &key("acme", "job", "Encounter", i, 1))
+                .await
+                .unwrap();
+        }
+    }
+    dead_staging(
+        &db,
+        &key("acme", "dead", "Patient", 0, 1),
+        Duration::from_secs(7200),
+    );
+    dead_staging(
+        &db,
+        &key("acme", "dead", "Patient", 1, 1),
+        Duration::from_secs(7200),
+    );
+    dead_staging(
+        &db,
+        &key("acme", "recent", "Patient", 0, 1),
+        Duration::from_secs(60),
+    );
+
+    let (code, out, err) = cli(&["verify", "--db", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("verified 4 finished parts") && out.contains("no problems found"),
+        "{out}"
+    );
+    assert!(out.contains("3 staged parts"), "{out}");
+    assert!(err.is_empty(), "no progress bar when piped: {err}");
+
+    let (code, out, err) = cli(&["gc", "--older-than", "1h", "--db", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("reclaimed 2 abandoned staged parts"), "{out}");
+    assert_eq!(faultkit::census(&db).staged_parts, 1);
+    let (code, out, _) = cli(&["gc", "--older-than", "30s", "--db", path]);
+    assert_eq!(code, 0);
+    assert!(out.contains("reclaimed 1 abandoned staged part "), "{out}");
+
+    // Damage one part: verify names it and fails.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute(
+        "DELETE FROM chunks WHERE seq = 1 AND part_id =
+             (SELECT id FROM parts WHERE part_index = 0 AND finalized = 1)",
+        [],
+    )
+    .unwrap();
+    drop(c);
+    let (code, out, err) = cli(&["verify", "--db", path]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "problem: verify of {}: corrupt: chunk 1 of the part is missing",
+            damaged.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("1 problem found"), "{out}");
+
+    // No store there: refused, nothing created.
+    let missing = dir.path().join("missing.db");
+    let (code, _, err) = cli(&["verify", "--db", missing.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no store at"), "{err}");
+    assert!(!missing.exists());
+    let (code, _, err) = cli(&["gc", "--older-than", "soon", "--db", path]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a duration"), "{err}");
+}
