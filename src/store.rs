@@ -230,6 +230,28 @@ impl SqliteOutputStore {
         self.find_part(key, op, sql::find_finished).await
     }
 
+    /// Deletes parts with `delete` in one transaction; the space comes back
+    /// in short steps once the writer is idle, after this call has returned.
+    async fn delete_parts(
+        &self,
+        op: &'static str,
+        delete: impl FnOnce(&Connection) -> rusqlite::Result<usize> + Send + 'static,
+    ) -> StorageResult<()> {
+        self.core
+            .db
+            .write(op, move |c| {
+                let tx = immediate(c, op)?;
+                delete(&tx).map_err(|e| from_sqlite(op, e))?;
+                failpoint::hit("delete.before_commit");
+                tx.commit().map_err(|e| from_sqlite(op, e))?;
+                failpoint::hit("delete.after_commit");
+                Ok(())
+            })
+            .await?;
+        self.core.db.reclaim_space_soon();
+        Ok(())
+    }
+
     /// Validates `key`, then looks a finished part up with `find`; none is
     /// not found.
     async fn find_part(
@@ -333,11 +355,11 @@ impl ExportOutputStore for SqliteOutputStore {
         let op = "finalize_part";
         key.validate(op)?;
         let part = || key.display();
-        writer
-            .writer
-            .shutdown()
-            .await
-            .map_err(|e| StorageError::from_io(op, e).in_op(op).or_part(part()))?;
+        let fail = |e| StorageError::from_io(op, e).in_op(op).or_part(part());
+        // Flush, then shut down, as HFS's stores do: a sink that fails
+        // either way publishes nothing.
+        writer.writer.flush().await.map_err(fail)?;
+        writer.writer.shutdown().await.map_err(fail)?;
         let addr = sink_address(&*writer.writer);
         let Some((part_id, opened_for, sealed)) = self.core.registry.lookup(addr) else {
             return Err(StorageError::invalid(
@@ -460,39 +482,15 @@ impl ExportOutputStore for SqliteOutputStore {
         check_id(op, "tenant id", &t)?;
         check_id(op, "job id", job_id.as_str())?;
         let j = job_id.as_str().to_string();
-        self.core
-            .db
-            .write(op, move |c| {
-                let tx = immediate(c, op)?;
-                sql::delete_job(&tx, &t, &j).map_err(|e| from_sqlite(op, e))?;
-                failpoint::hit("delete.before_commit");
-                tx.commit().map_err(|e| from_sqlite(op, e))?;
-                failpoint::hit("delete.after_commit");
-                Ok(())
-            })
-            .await?;
-        // Space comes back in short steps once the writer is idle, after
-        // this call has returned.
-        self.core.db.reclaim_space_soon();
-        Ok(())
+        self.delete_parts(op, move |tx| sql::delete_job(tx, &t, &j))
+            .await
     }
 
     async fn delete_tenant_outputs(&self, tenant_id: &str) -> StorageResult<()> {
         let op = "delete_tenant_outputs";
         check_id(op, "tenant id", tenant_id)?;
         let t = tenant_id.to_string();
-        self.core
-            .db
-            .write(op, move |c| {
-                let tx = immediate(c, op)?;
-                sql::delete_tenant(&tx, &t).map_err(|e| from_sqlite(op, e))?;
-                failpoint::hit("delete.before_commit");
-                tx.commit().map_err(|e| from_sqlite(op, e))?;
-                failpoint::hit("delete.after_commit");
-                Ok(())
-            })
-            .await?;
-        self.core.db.reclaim_space_soon();
-        Ok(())
+        self.delete_parts(op, move |tx| sql::delete_tenant(tx, &t))
+            .await
     }
 }

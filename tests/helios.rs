@@ -534,7 +534,7 @@ async fn swapped_or_failing_sinks_never_publish() {
             .expect_err("a swapped sink must not publish");
         let events = events.lock().unwrap().clone();
         match failure {
-            Failure::Write | Failure::Shutdown => match &err {
+            Failure::Write | Failure::Flush | Failure::Shutdown => match &err {
                 StorageError::Backend(BackendError::Internal {
                     backend_name,
                     message,
@@ -546,7 +546,7 @@ async fn swapped_or_failing_sinks_never_publish() {
                 }
                 other => panic!("{failure:?}: {other:?}"),
             },
-            Failure::Flush | Failure::None => match &err {
+            Failure::None => match &err {
                 StorageError::Validation(ValidationError::InvalidResource { message, .. }) => {
                     assert!(message.contains("replaced"), "{message}");
                 }
