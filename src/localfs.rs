@@ -53,7 +53,7 @@ use crate::contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, Finalize
 use crate::error::{StorageError, StorageResult};
 use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
 use crate::url::UrlMinter;
-use crate::writer::sink_address;
+use crate::writer::{check_opened_for, sink_address};
 
 /// The write buffer in front of each part's file: 64 KiB, as in HFS.
 pub const WRITE_BUFFER_CAPACITY: usize = 64 * 1024;
@@ -410,25 +410,11 @@ impl ExportOutputStore for LocalFsOutputStore {
         writer.writer.flush().await.map_err(fail)?;
         writer.writer.shutdown().await.map_err(fail)?;
         let addr = sink_address(&*writer.writer);
-        let Some((opened_for, tmp)) = registry_with(&self.live, |m| {
+        let found = registry_with(&self.live, |m| {
             m.get(&addr).map(|s| (s.key.clone(), s.tmp.clone()))
-        }) else {
-            return Err(StorageError::invalid(
-                op,
-                "this writer was not opened by this store (was it replaced?)",
-            )
-            .with_part(part()));
-        };
-        if &opened_for != key {
-            return Err(StorageError::invalid(
-                op,
-                format!(
-                    "the writer was opened for another part ({})",
-                    opened_for.display()
-                ),
-            )
-            .with_part(part()));
-        }
+        });
+        check_opened_for(op, key, found.as_ref().map(|(k, _)| k))?;
+        let (_, tmp) = found.expect("checked above");
         let (target, durable, expected) = (self.part_path(key), self.fsync, writer.byte_count);
         tokio::task::spawn_blocking(move || publish(op, &tmp, &target, expected, durable))
             .await

@@ -23,7 +23,7 @@ use crate::options::StoreOptions;
 use crate::reader::PartReader;
 use crate::sql::{self, PartRow, Publish};
 use crate::url::UrlMinter;
-use crate::writer::{sink_address, PartSink, Registry, SinkConfig};
+use crate::writer::{check_opened_for, sink_address, PartSink, Registry, SinkConfig};
 
 /// What the store knows about a finished part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,23 +361,9 @@ impl ExportOutputStore for SqliteOutputStore {
         writer.writer.flush().await.map_err(fail)?;
         writer.writer.shutdown().await.map_err(fail)?;
         let addr = sink_address(&*writer.writer);
-        let Some((part_id, opened_for, sealed)) = self.core.registry.lookup(addr) else {
-            return Err(StorageError::invalid(
-                op,
-                "this writer's sink was not opened by this store (was it replaced?)",
-            )
-            .with_part(part()));
-        };
-        if &opened_for != key {
-            return Err(StorageError::invalid(
-                op,
-                format!(
-                    "the writer was opened for another part ({})",
-                    opened_for.display()
-                ),
-            )
-            .with_part(part()));
-        }
+        let found = self.core.registry.lookup(addr);
+        check_opened_for(op, key, found.as_ref().map(|(_, k, _)| k))?;
+        let (part_id, _, sealed) = found.expect("checked above");
         let sealed = sealed.expect("a shut-down sink is sealed");
         if writer.byte_count != sealed.bytes {
             return Err(StorageError::invalid(

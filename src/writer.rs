@@ -103,6 +103,33 @@ pub(crate) fn sink_address(w: &(dyn AsyncWrite + Send)) -> usize {
 
 /// A chunk being compressed; it gives back where the outcome of storing it
 /// will arrive, and the raw buffer for reuse.
+/// Checks at finalize that a writer's sink is one a store opened (its
+/// registry record was found) and that it was opened for `key`.
+pub(crate) fn check_opened_for(
+    op: &'static str,
+    key: &ExportPartKey,
+    opened_for: Option<&ExportPartKey>,
+) -> StorageResult<()> {
+    let Some(opened_for) = opened_for else {
+        return Err(StorageError::invalid(
+            op,
+            "this writer's sink was not opened by this store (was it replaced?)",
+        )
+        .with_part(key.display()));
+    };
+    if opened_for != key {
+        return Err(StorageError::invalid(
+            op,
+            format!(
+                "the writer was opened for another part ({})",
+                opened_for.display()
+            ),
+        )
+        .with_part(key.display()));
+    }
+    Ok(())
+}
+
 type ChunkTask = JoinHandle<(StorageResult<Queued>, Vec<u8>)>;
 
 /// A compressed chunk queued for the writer thread: its frame's size and
