@@ -23,10 +23,10 @@
 //! once, for an operator or a test that wants the file small now.
 
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::Connection;
 
 use crate::codec::ContentDigest;
 use crate::db::read_blocking;
@@ -35,6 +35,7 @@ use crate::failpoint;
 use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
 use crate::reader::fetch_chunk;
 use crate::sql::{self, PartRow};
+use crate::store::{immediate, now_ms};
 use crate::SqliteOutputStore;
 
 /// Staged parts `reclaim_abandoned` deletes per transaction.
@@ -148,21 +149,6 @@ impl SpaceStats {
     pub fn free_bytes(&self) -> u64 {
         self.page_size * self.free_pages
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn immediate<'c>(
-    c: &'c mut Connection,
-    op: &'static str,
-) -> StorageResult<rusqlite::Transaction<'c>> {
-    c.transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| from_sqlite(op, e))
 }
 
 impl SqliteOutputStore {

@@ -106,7 +106,7 @@ impl std::fmt::Debug for SqliteOutputStore {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -297,7 +297,8 @@ fn check_fence(
     }
 }
 
-fn immediate<'c>(
+/// Begins a write transaction that takes the lock at once.
+pub(crate) fn immediate<'c>(
     c: &'c mut Connection,
     op: &'static str,
 ) -> StorageResult<rusqlite::Transaction<'c>> {
