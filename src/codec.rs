@@ -1,5 +1,5 @@
 //! Bytes in, bytes out: one chunk of NDJSON to one zstd frame and back, and
-//! the content digest.
+//! lowercase hex. Content digests are in [`crate::digest`].
 //!
 //! Each chunk is an independent zstd frame with its content size and content
 //! checksum in it, so frames can be decoded one at a time (a Range read can
@@ -8,8 +8,6 @@
 
 use std::cell::RefCell;
 use std::sync::{Condvar, Mutex, OnceLock};
-
-use sha2::{Digest as _, Sha256};
 
 use crate::error::{StorageError, StorageResult};
 
@@ -138,25 +136,6 @@ pub fn decompress_into(frame: &[u8], raw_len: usize, out: &mut Vec<u8>) -> Stora
     Ok(())
 }
 
-/// The content digest of a part: SHA-256, streamed.
-#[derive(Clone, Default)]
-pub struct ContentDigest(Sha256);
-
-impl ContentDigest {
-    /// A digest of nothing yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Adds bytes, in content order.
-    pub fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-    /// The digest as lowercase hex (64 characters).
-    pub fn finish_hex(self) -> String {
-        to_hex(&self.0.finalize())
-    }
-}
-
 /// Lowercase hex of bytes.
 pub fn to_hex(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -213,16 +192,5 @@ mod tests {
                 raw
             );
         }
-    }
-
-    #[test]
-    fn digest_is_sha256_hex() {
-        let mut d = ContentDigest::new();
-        d.update(b"ab");
-        d.update(b"c");
-        assert_eq!(
-            d.finish_hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

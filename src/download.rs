@@ -9,7 +9,7 @@
 //! consumer, so memory is bounded by a few chunks per download whatever the
 //! part's size. A stream ends in an error, never early and never with mixed
 //! data, when the part is deleted or replaced under it or a check fails: a
-//! whole identity stream checks the part's length and SHA-256 *before* it
+//! whole identity stream checks the part's length and digest *before* it
 //! yields its last bytes; every stream checks each chunk's place and length.
 
 use std::future::Future;
@@ -23,8 +23,9 @@ use futures::stream::{self, BoxStream, StreamExt};
 use r2d2_sqlite::SqliteConnectionManager;
 use tokio::sync::Semaphore;
 
-use crate::codec::{self, ContentDigest};
+use crate::codec;
 use crate::db::read_blocking;
+use crate::digest::{hash_chunk, ChunkHash, ContentDigest, DigestAlgorithm, PartHasher};
 use crate::error::{from_sqlite, StorageError, StorageResult};
 use crate::key::{ExportJobId, ExportPartKey};
 use crate::sql::{self, ChunkRow, PartRow};
@@ -148,13 +149,23 @@ impl Reads {
         self.spawned(move |pool| fetch_row(pool, part_id, seq))
     }
 
-    /// Fetches chunk `seq` and decodes it: `(raw_offset, bytes)`.
-    fn decoded(&self, part_id: i64, seq: u64) -> Spawned<(u64, Vec<u8>)> {
+    /// Fetches chunk `seq` and decodes it: `(raw_offset, bytes, hash)`,
+    /// the chunk's share of the digest computed only if `hash` names the
+    /// part's algorithm (a whole-part download, which is verified).
+    fn decoded(
+        &self,
+        part_id: i64,
+        seq: u64,
+        hash: Option<DigestAlgorithm>,
+    ) -> Spawned<(u64, Vec<u8>, ChunkHash)> {
         self.spawned(move |pool| {
             let row = fetch_row(pool, part_id, seq)?;
             let bytes =
                 codec::decompress(&row.frame, row.raw_len as usize).map_err(|e| e.in_op(OP))?;
-            Ok((row.raw_offset, bytes))
+            let share = hash.map_or_else(ChunkHash::default, |a| {
+                hash_chunk(a, row.raw_offset, &bytes)
+            });
+            Ok((row.raw_offset, bytes, share))
         })
     }
 }
@@ -256,10 +267,11 @@ pub(crate) async fn identity(
     let (first, last) = reads.locate(part, &range).await?;
     let whole = range.start == 0 && range.end == part.byte_count;
     let ahead = reads.read_ahead;
+    let hash = whole.then_some(part.digest_algorithm);
     let chunks = {
         let (reads, id) = (reads.clone(), part.id);
         stream::iter(first..=last)
-            .map(move |seq| reads.decoded(id, seq))
+            .map(move |seq| reads.decoded(id, seq, hash))
             .buffered(ahead)
     };
     let state = Identity {
@@ -269,20 +281,20 @@ pub(crate) async fn identity(
         next_seq: first,
         last_seq: last,
         expect_offset: None,
-        digest: whole.then(ContentDigest::new),
+        digest: whole.then(|| PartHasher::new(part.digest_algorithm)),
         received: 0,
     };
     Ok(stream::try_unfold(state, Identity::step).boxed())
 }
 
 struct Identity {
-    chunks: BoxStream<'static, StorageResult<(u64, Vec<u8>)>>,
+    chunks: BoxStream<'static, StorageResult<(u64, Vec<u8>, ChunkHash)>>,
     part: PartRow,
     range: Range<u64>,
     next_seq: u64,
     last_seq: u64,
     expect_offset: Option<u64>,
-    digest: Option<ContentDigest>,
+    digest: Option<PartHasher>,
     received: u64,
 }
 
@@ -291,7 +303,7 @@ impl Identity {
         if self.next_seq > self.last_seq {
             return Ok(None);
         }
-        let (offset, bytes) = match self.chunks.next().await {
+        let (offset, bytes, share) = match self.chunks.next().await {
             Some(r) => r?,
             None => return Err(StorageError::internal(OP, "the chunk stream ended early")),
         };
@@ -313,7 +325,7 @@ impl Identity {
         self.received += bytes.len() as u64;
         self.next_seq += 1;
         if let Some(d) = self.digest.as_mut() {
-            d.update(&bytes);
+            d.push(&bytes, share).map_err(|e| e.in_op(OP))?;
             if self.next_seq > self.last_seq || self.received > self.part.byte_count {
                 self.verify_whole()?;
             }
@@ -349,24 +361,28 @@ impl Identity {
                 ),
             ));
         }
-        let digest = self.digest.take().map(ContentDigest::finish_hex);
+        let digest = self.digest.take().map(PartHasher::finish_hex);
         if digest.as_deref() != Some(self.part.digest.as_str()) {
-            return Err(digest_mismatch());
+            return Err(digest_mismatch(&self.part));
         }
         Ok(())
     }
 }
 
-fn digest_mismatch() -> StorageError {
+fn digest_mismatch(part: &PartRow) -> StorageError {
     StorageError::corrupt(
         OP,
-        "the part's content does not match its recorded SHA-256 digest",
+        format!(
+            "the part's content does not match its recorded {} digest",
+            part.digest_algorithm.label()
+        ),
     )
 }
 
 fn check_empty(part: &PartRow) -> StorageResult<()> {
-    if part.chunk_count != 0 || ContentDigest::new().finish_hex() != part.digest {
-        return Err(digest_mismatch());
+    if part.chunk_count != 0 || ContentDigest::of(part.digest_algorithm).finish_hex() != part.digest
+    {
+        return Err(digest_mismatch(part));
     }
     Ok(())
 }

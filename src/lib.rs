@@ -38,6 +38,7 @@
 pub mod codec;
 mod contract;
 mod db;
+pub mod digest;
 #[cfg(feature = "server")]
 mod download;
 mod error;
@@ -62,6 +63,7 @@ mod writer;
 pub mod conformance;
 
 pub use contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
+pub use digest::{ContentDigest, DigestAlgorithm};
 pub use error::{ErrorKind, StorageError, StorageResult};
 pub use key::{ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_ID_BYTES};
 pub use options::{StoreOptions, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};

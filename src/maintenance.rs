@@ -28,8 +28,8 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::Connection;
 
-use crate::codec::ContentDigest;
 use crate::db::read_blocking;
+use crate::digest::{hash_chunk, PartHasher};
 use crate::error::{from_sqlite, ErrorKind, StorageError, StorageResult};
 use crate::failpoint;
 use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
@@ -282,7 +282,7 @@ impl SqliteOutputStore {
 
     /// Reads every finished part end to end, as a download would, and checks
     /// it: each chunk's zstd frame (with its content checksum), its length
-    /// and offset, the part's chunk count, length and SHA-256 digest; then
+    /// and offset, the part's chunk count, length and content digest; then
     /// that no chunk row lost its part, and SQLite's `integrity_check`.
     /// Returns what it found; an `Err` means the walk itself could not run.
     /// Only reads, through the read pool, one chunk in memory at a time.
@@ -419,7 +419,7 @@ fn check_part(
     let op = "verify";
     let gone = |e: &StorageError| e.is_not_found();
     let mut received = 0_u64;
-    let mut digest = ContentDigest::new();
+    let mut digest = PartHasher::new(row.digest_algorithm);
     for seq in 0..row.chunk_count {
         let (offset, bytes) = match fetch_chunk(pool, row.id, seq) {
             Ok(chunk) => chunk,
@@ -433,7 +433,7 @@ fn check_part(
             ));
         }
         received += bytes.len() as u64;
-        digest.update(&bytes);
+        digest.push(&bytes, hash_chunk(row.digest_algorithm, offset, &bytes))?;
         report.chunks_checked += 1;
         report.bytes_checked += bytes.len() as u64;
         at.bytes_done += bytes.len() as u64;
@@ -483,7 +483,10 @@ fn check_part(
     if digest.finish_hex() != row.digest {
         return Err(StorageError::corrupt(
             op,
-            "the part's content does not match its recorded SHA-256 digest",
+            format!(
+                "the part's content does not match its recorded {} digest",
+                row.digest_algorithm.label()
+            ),
         ));
     }
     Ok(true)

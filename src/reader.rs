@@ -1,10 +1,11 @@
 //! The part reader: an `AsyncRead` of plain NDJSON over a finished part.
 //!
 //! Chunks are fetched one short query at a time (a pooled connection is
-//! taken and returned inside each blocking task) and decompressed on the
+//! taken and returned inside each blocking task), decompressed and hashed
+//! (their share of the part's digest, see [`crate::digest`]) on the
 //! blocking pool, `read_ahead` chunks ahead of the consumer. Each chunk's
 //! frame checksum, length and offset are checked as it arrives; the part's
-//! length and SHA-256 are checked when the last chunk arrives, *before* any
+//! length and digest are checked when the last chunk arrives, *before* any
 //! of its bytes are handed out. So a damaged part, or one deleted or
 //! replaced while it is read, ends in an error, never in short, mixed or
 //! wrong data reported as success.
@@ -20,17 +21,19 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-use crate::codec::{self, ContentDigest};
+use crate::codec;
 use crate::db::read_blocking;
+use crate::digest::{hash_chunk, ChunkHash, PartHasher};
 use crate::error::{from_sqlite, StorageError, StorageResult};
 use crate::sql::{self, PartRow};
 
 type Pool = r2d2::Pool<SqliteConnectionManager>;
 
-/// One decoded chunk: its raw offset and bytes.
+/// One decoded chunk: its raw offset, bytes and share of the digest.
 struct Decoded {
     raw_offset: u64,
     bytes: Vec<u8>,
+    hash: ChunkHash,
 }
 
 /// Fetches and decodes chunk `seq` of part `part_id`.
@@ -82,7 +85,8 @@ pub(crate) struct PartReader {
     spare: Vec<Vec<u8>>,
     pos: usize,
     received: u64,
-    digest: Option<ContentDigest>,
+    /// The part's digest so far; `None` once checked.
+    digest: Option<PartHasher>,
     failed: Option<(crate::ErrorKind, String)>,
 }
 
@@ -94,6 +98,7 @@ impl PartReader {
         label: String,
         read_ahead: usize,
     ) -> Self {
+        let algorithm = part.digest_algorithm;
         PartReader {
             pool,
             runtime,
@@ -106,7 +111,7 @@ impl PartReader {
             spare: Vec::new(),
             pos: 0,
             received: 0,
-            digest: Some(ContentDigest::new()),
+            digest: Some(PartHasher::new(algorithm)),
             failed: None,
         }
     }
@@ -114,11 +119,15 @@ impl PartReader {
     fn fill_queue(&mut self) {
         while self.pending.len() < self.read_ahead && self.next_fetch < self.part.chunk_count {
             let (pool, id, seq) = (self.pool.clone(), self.part.id, self.next_fetch);
+            let algorithm = self.part.digest_algorithm;
             let buf = self.spare.pop().unwrap_or_default();
             self.next_fetch += 1;
             self.pending.push_back(self.runtime.spawn_blocking(move || {
-                fetch_chunk_into(&pool, id, seq, buf)
-                    .map(|(raw_offset, bytes)| Decoded { raw_offset, bytes })
+                fetch_chunk_into(&pool, id, seq, buf).map(|(raw_offset, bytes)| Decoded {
+                    hash: hash_chunk(algorithm, raw_offset, &bytes),
+                    raw_offset,
+                    bytes,
+                })
             }));
         }
     }
@@ -144,7 +153,7 @@ impl PartReader {
         }
         self.received += d.bytes.len() as u64;
         let digest = self.digest.as_mut().expect("present until the end");
-        digest.update(&d.bytes);
+        digest.push(&d.bytes, d.hash)?;
         let last = self.pending.is_empty() && self.next_fetch == self.part.chunk_count;
         if last || self.received > self.part.byte_count {
             self.verify_end()?;
@@ -171,7 +180,10 @@ impl PartReader {
         if digest != self.part.digest {
             return Err(StorageError::corrupt(
                 "read",
-                "the part's content does not match its recorded SHA-256 digest",
+                format!(
+                    "the part's content does not match its recorded {} digest",
+                    self.part.digest_algorithm.label()
+                ),
             ));
         }
         Ok(())

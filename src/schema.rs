@@ -15,10 +15,16 @@ use crate::error::{from_sqlite, StorageError, StorageResult};
 
 /// The migrations, in order; the database's `user_version` counts how many
 /// are applied.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_parts_and_chunks",
-    include_str!("../migrations/0001_parts_and_chunks.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_parts_and_chunks",
+        include_str!("../migrations/0001_parts_and_chunks.sql"),
+    ),
+    (
+        "0002_digest_algorithm",
+        include_str!("../migrations/0002_digest_algorithm.sql"),
+    ),
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

@@ -6,6 +6,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::digest::DigestAlgorithm;
 use crate::key::ExportPartKey;
 
 /// Maps a u64 fencing token into SQLite's i64 so that order is kept across
@@ -34,8 +35,10 @@ pub struct PartRow {
     pub stored_bytes: u64,
     /// Number of chunk rows.
     pub chunk_count: u64,
-    /// Lowercase hex SHA-256 of the content.
+    /// Lowercase hex content digest.
     pub digest: String,
+    /// The digest's algorithm.
+    pub digest_algorithm: DigestAlgorithm,
     /// Unix milliseconds of the finalize commit.
     pub finalized_at_ms: i64,
 }
@@ -196,8 +199,10 @@ pub struct Publish<'a> {
     pub stored_bytes: u64,
     /// Chunk rows.
     pub chunk_count: u64,
-    /// Lowercase hex SHA-256.
+    /// Lowercase hex content digest.
     pub digest: &'a str,
+    /// The digest's algorithm.
+    pub digest_algorithm: DigestAlgorithm,
     /// Unix milliseconds.
     pub now_ms: i64,
 }
@@ -207,7 +212,8 @@ pub struct Publish<'a> {
 pub fn publish(conn: &Connection, id: i64, p: &Publish<'_>) -> rusqlite::Result<usize> {
     conn.prepare_cached(
         "UPDATE parts SET finalized = 1, finalized_at_ms = ?2, line_count = ?3, byte_count = ?4,
-             stored_bytes = ?5, chunk_count = ?6, digest = ?7
+             stored_bytes = ?5, chunk_count = ?6, digest = ?7,
+             digest_algorithm = ?8
          WHERE id = ?1 AND finalized = 0",
     )?
     .execute(params![
@@ -217,12 +223,16 @@ pub fn publish(conn: &Connection, id: i64, p: &Publish<'_>) -> rusqlite::Result<
         p.byte_count as i64,
         p.stored_bytes as i64,
         p.chunk_count as i64,
-        p.digest
+        p.digest,
+        p.digest_algorithm.as_str()
     ])
 }
 
 const PART_COLUMNS: &str = "id, fencing_token, line_count, byte_count, stored_bytes, chunk_count, \
-                            digest, finalized_at_ms";
+                            digest, finalized_at_ms, digest_algorithm";
+
+/// The number of columns in [`PART_COLUMNS`].
+const PART_COLUMN_COUNT: usize = 9;
 
 fn part_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PartRow> {
     Ok(PartRow {
@@ -234,6 +244,16 @@ fn part_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PartRow> {
         chunk_count: r.get::<_, i64>(5)? as u64,
         digest: r.get(6)?,
         finalized_at_ms: r.get(7)?,
+        digest_algorithm: {
+            let name: String = r.get(8)?;
+            DigestAlgorithm::from_name(&name).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    8,
+                    rusqlite::types::Type::Text,
+                    format!("unknown digest algorithm {name:?}").into(),
+                )
+            })?
+        },
     })
 }
 
@@ -356,11 +376,13 @@ pub fn finished_after(
     .query_map(params![after_id, limit], |r| {
         let row = part_row(r)?;
         let key = ExportPartKey {
-            tenant_id: r.get(8)?,
-            job_id: crate::key::ExportJobId::from_string(r.get::<_, String>(9)?),
-            file_type: r.get(10)?,
-            resource_type: r.get(11)?,
-            part_index: r.get::<_, i64>(12)? as u32,
+            tenant_id: r.get(PART_COLUMN_COUNT)?,
+            job_id: crate::key::ExportJobId::from_string(
+                r.get::<_, String>(PART_COLUMN_COUNT + 1)?,
+            ),
+            file_type: r.get(PART_COLUMN_COUNT + 2)?,
+            resource_type: r.get(PART_COLUMN_COUNT + 3)?,
+            part_index: r.get::<_, i64>(PART_COLUMN_COUNT + 4)? as u32,
             fencing_token: row.fencing_token,
         };
         Ok((key, row))
@@ -494,12 +516,14 @@ mod tests {
             stored_bytes: 5,
             chunk_count: 2,
             digest: "d",
+            digest_algorithm: DigestAlgorithm::Blake3,
             now_ms: 11,
         };
         assert_eq!(publish(&c, id, &p).unwrap(), 1);
         assert_eq!(publish(&c, id, &p).unwrap(), 0, "already finished");
         let row = find_finished(&c, &key(3)).unwrap().unwrap();
         assert_eq!((row.id, row.byte_count, row.fencing_token), (id, 7, 3));
+        assert_eq!(row.digest_algorithm, DigestAlgorithm::Blake3);
         assert_eq!(chunk(&c, id, 1).unwrap().unwrap().frame, b"de");
         assert_eq!(chunk(&c, id, 2).unwrap(), None);
         assert_eq!(chunk_span(&c, id, 1).unwrap(), Some((5, 2)));
@@ -545,6 +569,11 @@ mod tests {
     }
 
     #[test]
+    fn part_column_count_matches_the_list() {
+        assert_eq!(PART_COLUMNS.split(',').count(), PART_COLUMN_COUNT);
+    }
+
+    #[test]
     fn staged_listing_census_and_vacuum_step() {
         let c = db();
         let a = insert_staged(&c, &key(1), 100).unwrap();
@@ -561,6 +590,7 @@ mod tests {
                 stored_bytes: 3,
                 chunk_count: 1,
                 digest: "d",
+                digest_algorithm: DigestAlgorithm::Blake3,
                 now_ms: 1,
             },
         )

@@ -16,6 +16,7 @@ use tokio::runtime::Handle;
 
 use crate::contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
 use crate::db::Db;
+use crate::digest::DigestAlgorithm;
 use crate::error::{from_sqlite, StorageError, StorageResult};
 use crate::failpoint;
 use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
@@ -37,8 +38,13 @@ pub struct PartInfo {
     pub stored_bytes: u64,
     /// Number of chunks (zstd frames).
     pub chunk_count: u64,
-    /// Lowercase hex SHA-256 of the uncompressed content.
+    /// Lowercase hex digest of the uncompressed content, in
+    /// [`digest_algorithm`](Self::digest_algorithm): for every part this
+    /// version finishes, the BLAKE3 hash (what `b3sum` prints for the
+    /// NDJSON); for parts finished under schema 1, SHA-256.
     pub digest: String,
+    /// The algorithm of [`digest`](Self::digest).
+    pub digest_algorithm: DigestAlgorithm,
     /// When the part was finalized.
     pub finalized_at: SystemTime,
     /// The part's fencing token (useful after a slot look-up).
@@ -53,6 +59,7 @@ impl From<&PartRow> for PartInfo {
             stored_bytes: r.stored_bytes,
             chunk_count: r.chunk_count,
             digest: r.digest.clone(),
+            digest_algorithm: r.digest_algorithm,
             finalized_at: UNIX_EPOCH + Duration::from_millis(r.finalized_at_ms.max(0) as u64),
             fencing_token: r.fencing_token,
         }
@@ -418,6 +425,7 @@ impl ExportOutputStore for SqliteOutputStore {
                         stored_bytes: totals.stored_bytes,
                         chunk_count: totals.chunks,
                         digest: &sealed.digest,
+                        digest_algorithm: sealed.digest_algorithm,
                         now_ms: now_ms(),
                     },
                 )

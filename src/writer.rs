@@ -1,9 +1,11 @@
 //! The part writer: an `AsyncWrite` that turns any byte stream into staged,
 //! compressed chunk rows.
 //!
-//! Bytes are buffered up to the chunk size; each full chunk is compressed on
-//! Tokio's blocking pool and queued for the writer thread, while the producer
-//! goes on filling the next one. At most `in_flight_chunks` chunks per writer
+//! Bytes are buffered up to the chunk size; each full chunk is hashed (its
+//! share of the part's BLAKE3 digest, see [`crate::digest`]) and compressed
+//! on Tokio's blocking pool and queued for the writer thread, while the
+//! producer goes on filling the next one: the producer's own thread only
+//! copies bytes. At most `in_flight_chunks` chunks per writer
 //! are being compressed, and at most [`MAX_QUEUED`] compressed chunks wait to
 //! be stored: beyond that `poll_write` returns `Pending` (backpressure), so
 //! memory stays bounded by a few chunks whatever the part's size. Queued
@@ -33,8 +35,9 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::codec::{self, ContentDigest};
+use crate::codec;
 use crate::db::{ChunkInsertArgs, Db};
+use crate::digest::{self, ChunkHash, DigestAlgorithm, PartHasher};
 use crate::error::{ErrorKind, StorageError, StorageResult};
 use crate::key::ExportPartKey;
 
@@ -45,6 +48,7 @@ pub(crate) struct Sealed {
     pub stored_bytes: u64,
     pub chunks: u64,
     pub digest: String,
+    pub digest_algorithm: DigestAlgorithm,
 }
 
 /// The store's record of one live writer.
@@ -101,8 +105,6 @@ pub(crate) fn sink_address(w: &(dyn AsyncWrite + Send)) -> usize {
     w as *const (dyn AsyncWrite + Send) as *const () as usize
 }
 
-/// A chunk being compressed; it gives back where the outcome of storing it
-/// will arrive, and the raw buffer for reuse.
 /// Checks at finalize that a writer's sink is one a store opened (its
 /// registry record was found) and that it was opened for `key`.
 pub(crate) fn check_opened_for(
@@ -130,7 +132,10 @@ pub(crate) fn check_opened_for(
     Ok(())
 }
 
-type ChunkTask = JoinHandle<(StorageResult<Queued>, Vec<u8>)>;
+/// A chunk being compressed (and hashed); it gives back where the outcome
+/// of storing it will arrive, the raw buffer for reuse, and the chunk's
+/// share of the part's digest.
+type ChunkTask = JoinHandle<(StorageResult<Queued>, Vec<u8>, ChunkHash)>;
 
 /// A compressed chunk queued for the writer thread: its frame's size and
 /// where the outcome of storing it will arrive.
@@ -161,7 +166,10 @@ pub(crate) struct PartSink {
     dispatched_bytes: u64,
     accepted: u64,
     stored_bytes: u64,
-    digest: ContentDigest,
+    /// Combines the chunks' digests, in order, as their tasks finish.
+    hasher: PartHasher,
+    /// Whether chunk tasks hash their chunks (chunks are BLAKE3 subtrees).
+    hash_in_tasks: bool,
     in_flight: VecDeque<ChunkTask>,
     queued: VecDeque<Queued>,
     /// A transient failure, reported at shutdown (and so by finalize).
@@ -181,6 +189,7 @@ impl PartSink {
         key: &ExportPartKey,
         cfg: SinkConfig,
     ) -> Self {
+        let hash_in_tasks = digest::tree_compatible(cfg.chunk_size);
         PartSink {
             db,
             registry,
@@ -194,7 +203,8 @@ impl PartSink {
             dispatched_bytes: 0,
             accepted: 0,
             stored_bytes: 0,
-            digest: ContentDigest::new(),
+            hasher: PartHasher::new(DigestAlgorithm::CURRENT),
+            hash_in_tasks,
             in_flight: VecDeque::new(),
             queued: VecDeque::new(),
             deferred: None,
@@ -240,8 +250,16 @@ impl PartSink {
         self.dispatched_bytes += raw.len() as u64;
         let db = self.db.clone();
         let level = self.cfg.level;
+        let hash = self.hash_in_tasks;
         let task = self.runtime.spawn_blocking(move || {
             let (part_id, seq, raw_offset) = args;
+            // Hashed here, on the core that compresses it, while it is in
+            // the cache; the writer only combines the results in order.
+            let hash = if hash {
+                digest::hash_chunk(DigestAlgorithm::CURRENT, raw_offset, &raw)
+            } else {
+                ChunkHash::default()
+            };
             let queued = codec::compress(&raw, level).and_then(|frame| {
                 let n = frame.len() as u64;
                 db.queue_chunk_blocking(ChunkInsertArgs {
@@ -253,7 +271,7 @@ impl PartSink {
                 })
                 .map(|ack| (n, ack))
             });
-            (queued, raw)
+            (queued, raw, hash)
         });
         self.in_flight.push_back(task);
     }
@@ -291,17 +309,23 @@ impl PartSink {
             };
             self.in_flight.pop_front();
             match done {
-                Ok((Ok(queued), mut raw)) => {
+                Ok((Ok(queued), mut raw, hash)) => {
                     self.queued.push_back(queued);
+                    if self.deferred.is_none() {
+                        if let Err(e) = self.hasher.push(&raw, hash) {
+                            let e = StorageError::internal("write", e.message().to_string());
+                            return Poll::Ready(Err(self.fail(e)));
+                        }
+                    }
                     raw.clear();
                     if self.spare.len() < 2 {
                         self.spare.push(raw);
                     }
                 }
-                Ok((Err(e), _)) if e.is_unavailable() => {
+                Ok((Err(e), _, _)) if e.is_unavailable() => {
                     self.deferred.get_or_insert(e);
                 }
-                Ok((Err(e), _)) => return Poll::Ready(Err(self.fail(e))),
+                Ok((Err(e), _, _)) => return Poll::Ready(Err(self.fail(e))),
                 Err(_) => {
                     let e =
                         StorageError::internal("write", "a chunk task panicked or was cancelled");
@@ -344,7 +368,9 @@ impl PartSink {
             bytes: self.accepted,
             stored_bytes: self.stored_bytes,
             chunks: self.next_seq,
-            digest: std::mem::take(&mut self.digest).finish_hex(),
+            digest: std::mem::replace(&mut self.hasher, PartHasher::new(DigestAlgorithm::CURRENT))
+                .finish_hex(),
+            digest_algorithm: DigestAlgorithm::CURRENT,
         }
     }
 }
@@ -372,15 +398,15 @@ impl AsyncWrite for PartSink {
             this.accepted += data.len() as u64;
             return Poll::Ready(Ok(data.len()));
         }
+        // Finished chunks are collected only when another is dispatched:
+        // polling the tasks on every small write (a line, a newline) cost
+        // more than copying the bytes.
         if this.buf.len() == this.cfg.chunk_size {
             ready!(this.poll_settle(cx, this.cfg.in_flight - 1))?;
             this.dispatch();
-        } else {
-            ready!(this.poll_settle(cx, this.cfg.in_flight))?;
         }
         let n = data.len().min(this.cfg.chunk_size - this.buf.len());
         this.buf.extend_from_slice(&data[..n]);
-        this.digest.update(&data[..n]);
         this.accepted += n as u64;
         if this.buf.len() == this.cfg.chunk_size && this.in_flight.len() < this.cfg.in_flight {
             this.dispatch();

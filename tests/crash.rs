@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use faultkit::{content, key, read_part, sha256, write_part};
+use faultkit::{content, digest_hex, key, read_part, write_part};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions, TenantContext,
     TenantId,
@@ -103,13 +103,13 @@ fn child_main() -> ! {
                 let k = key(TENANT, &keep, "Encounter", i, 1);
                 let f = write_part(&store, &k).await.unwrap();
                 assert_eq!(f.size_bytes, content(&k).len() as u64);
-                say(format!("fin {} {}", enc(&k), sha256(&content(&k))));
+                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
             }
             // A job that is deleted.
             for i in 0..2 {
                 let k = key(TENANT, &doomed, "Encounter", i, 1);
                 write_part(&store, &k).await.unwrap();
-                say(format!("fin {} {}", enc(&k), sha256(&content(&k))));
+                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
             }
             say(format!("deleting {doomed}"));
             store
@@ -135,7 +135,7 @@ fn child_main() -> ! {
             for i in 0..2 {
                 let k = key(TENANT, &keep, "Encounter", i, 2);
                 write_part(&store, &k).await.unwrap();
-                say(format!("fin {} {}", enc(&k), sha256(&content(&k))));
+                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
             }
             say(format!("pruning {keep}"));
             let n = store
@@ -150,7 +150,7 @@ fn child_main() -> ! {
             for i in 0..2 {
                 let k = key(&gone, &keep, "Patient", i, 1);
                 write_part(&store, &k).await.unwrap();
-                say(format!("fin {} {}", enc(&k), sha256(&content(&k))));
+                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
             }
             say(format!("purging {gone}"));
             store.delete_tenant_outputs(&gone).await.unwrap();
@@ -386,7 +386,7 @@ async fn check_after_death(db: &Path, told: &Told, what: &str) -> usize {
             None => {
                 assert!(present, "{what}: finalized part {encoded} is lost");
                 let bytes = read_part(&store, &k).await.unwrap();
-                assert_eq!(&sha256(&bytes), digest, "{what}: {encoded}");
+                assert_eq!(&digest_hex(&bytes), digest, "{what}: {encoded}");
                 let info = store.part_info(&k).await.unwrap();
                 assert_eq!(&info.digest, digest, "{what}: {encoded}");
                 read_back += 1;

@@ -369,7 +369,7 @@ async fn damaged_parts_fail_as_corrupt_before_the_stream_ends_and_never_return_w
                     db,
                     &format!(
                         "UPDATE parts SET digest = '{}' WHERE id = {id}",
-                        faultkit::sha256(b"other")
+                        faultkit::digest_hex(b"other")
                     ),
                 )
             }),

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use server_support::*;
-use sha2::{Digest, Sha256};
 use sqlite_export_store::server::ServerConfig;
 use sqlite_export_store::StoreOptions;
 
@@ -62,7 +61,7 @@ async fn fifty_concurrent_downloads_of_a_large_part_stay_within_a_memory_bound()
                 .await
                 .unwrap();
             assert_eq!(r.status(), StatusCode::OK);
-            let mut hash = Sha256::new();
+            let mut hash = blake3::Hasher::new();
             let mut n = 0u64;
             let first = r.chunk().await.unwrap().unwrap();
             barrier.wait().await;
@@ -80,7 +79,7 @@ async fn fifty_concurrent_downloads_of_a_large_part_stay_within_a_memory_bound()
         let (accept, n, digest) = t.await.unwrap();
         if accept == "identity" {
             assert_eq!(n, info.size_bytes);
-            assert_eq!(sqlite_export_store::codec::to_hex(&digest), info.digest);
+            assert_eq!(digest.to_hex().as_str(), info.digest);
         } else {
             assert_eq!(n, info.stored_bytes);
         }

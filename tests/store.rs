@@ -4,10 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use sqlite_export_store::conformance::read_all;
 use sqlite_export_store::{
-    ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
+    DigestAlgorithm, ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
 };
 
 fn synthea_dir() -> PathBuf {
@@ -63,13 +62,11 @@ async fn synthea_export_round_trips_file_by_file() {
             data.iter().filter(|b| **b == b'\n').count() as u64,
             "{ty}"
         );
-        let want = Sha256::digest(&data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
+        let want = blake3::hash(&data).to_hex().to_string();
         assert_eq!(
-            info.digest, want,
-            "{ty}: digest is the SHA-256 of the NDJSON"
+            (info.digest.as_str(), info.digest_algorithm),
+            (want.as_str(), DigestAlgorithm::Blake3),
+            "{ty}: digest is the BLAKE3 of the NDJSON (what b3sum prints)"
         );
         assert_eq!(
             info.chunk_count,
@@ -269,4 +266,97 @@ async fn finished_parts_report_their_facts() {
         .await
         .unwrap();
     assert_eq!(latest, info);
+}
+
+/// A database written under schema 1, whose finished parts carry SHA-256
+/// digests: built here as that version laid it out (its migration, then
+/// rows as its writer stored them), with the crate's own codec for frames.
+fn schema_1_file(path: &std::path::Path, parts: &[(&str, &[u8], &str)]) {
+    use sqlite_export_store::{codec, schema};
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+    c.execute_batch(schema::MIGRATIONS[0].1).unwrap();
+    c.pragma_update(None, "user_version", 1).unwrap();
+    for (ty, data, digest) in parts {
+        c.execute(
+            "INSERT INTO parts (tenant_id, job_id, file_type, resource_type, part_index,
+                 fencing_token, created_at_ms) VALUES ('default', 'old-job', 'output', ?1, 0,
+                 1 - 9223372036854775807 - 1, 1)",
+            [ty],
+        )
+        .unwrap();
+        let id = c.last_insert_rowid();
+        let (mut stored, mut count) = (0, 0);
+        for (seq, chunk) in data.chunks(4096).enumerate() {
+            let frame = codec::compress(chunk, 3).unwrap();
+            stored += frame.len();
+            count += 1;
+            c.execute(
+                "INSERT INTO chunks (part_id, seq, raw_offset, raw_len, frame)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![id, seq, seq * 4096, chunk.len(), frame],
+            )
+            .unwrap();
+        }
+        c.execute(
+            "UPDATE parts SET finalized = 1, finalized_at_ms = 2, line_count = ?2,
+                 byte_count = ?3, stored_bytes = ?4, chunk_count = ?5, digest = ?6 WHERE id = ?1",
+            rusqlite::params![
+                id,
+                data.iter().filter(|b| **b == b'\n').count(),
+                data.len(),
+                stored,
+                count,
+                digest
+            ],
+        )
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parts_finished_under_schema_1_keep_and_check_their_sha256_digests() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("old.db");
+    let data = std::fs::read(synthea_dir().join("Condition.000.ndjson")).unwrap();
+    let good = Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    // The same bytes under a digest that is not theirs.
+    let bad = good.replace(&good[..2], if &good[..2] == "00" { "11" } else { "00" });
+    schema_1_file(
+        &db,
+        &[("Condition", &data, &good), ("Damaged", &data, &bad)],
+    );
+
+    let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
+    let key =
+        |ty: &str| ExportPartKey::output("default", ExportJobId::from_string("old-job"), ty, 0, 1);
+    let info = store.part_info(&key("Condition")).await.unwrap();
+    assert_eq!(
+        (info.digest.as_str(), info.digest_algorithm),
+        (good.as_str(), DigestAlgorithm::Sha256)
+    );
+    assert!(read_all(&store, &key("Condition")).await.unwrap() == data);
+    let e = read_all(&store, &key("Damaged")).await.unwrap_err();
+    assert!(e.to_string().contains("SHA-256"), "{e}");
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.parts_checked, 1, "the intact part");
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let problem = &report.problems[0];
+    assert!(
+        problem.part.as_deref().unwrap().contains("Damaged"),
+        "{problem:?}"
+    );
+    assert!(problem.message.contains("SHA-256"), "{problem:?}");
+
+    // New parts in the migrated file carry BLAKE3.
+    let fresh = ExportPartKey::output("default", ExportJobId::new(), "Condition", 0, 1);
+    put(&store, &fresh, &data).await;
+    let info = store.part_info(&fresh).await.unwrap();
+    assert_eq!(info.digest_algorithm, DigestAlgorithm::Blake3);
+    assert_eq!(info.digest, blake3::hash(&data).to_hex().as_str());
+    assert!(read_all(&store, &fresh).await.unwrap() == data);
 }

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use sqlite_export_store::codec::ContentDigest;
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, FinalizedPart, SqliteOutputStore, StorageError,
     StorageResult,
@@ -87,11 +86,9 @@ pub fn content(key: &ExportPartKey) -> Vec<u8> {
     out
 }
 
-/// Lowercase hex SHA-256.
-pub fn sha256(bytes: &[u8]) -> String {
-    let mut d = ContentDigest::new();
-    d.update(bytes);
-    d.finish_hex()
+/// Lowercase hex BLAKE3 (the content digest the store records).
+pub fn digest_hex(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
 }
 
 /// Writes `key`'s part (its [`lines`]) and finalizes it, as HFS does.

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
-use sha2::{Digest, Sha256};
 use sqlite_export_store::server::{self, ServerConfig};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, PartInfo, SqliteOutputStore, StoreOptions,
@@ -39,11 +38,10 @@ pub fn ndjson_of(size: usize) -> Vec<u8> {
     out
 }
 
-pub fn sha256_hex(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
+/// Lowercase hex BLAKE3 of `b`: the part digest the store records, and
+/// so the strong ETag of a download.
+pub fn digest_hex(b: &[u8]) -> String {
+    blake3::hash(b).to_hex().to_string()
 }
 
 pub struct Served {

@@ -270,9 +270,10 @@ pub fn codec_parallel(parts: &[Part], chunk_size: usize, level: i32, threads: us
     t.elapsed()
 }
 
-/// SHA-256 of a part on one thread (what the store's content digest costs).
+/// The content digest (BLAKE3, what the store records) of a part on one
+/// thread: what the store's digest costs.
 pub fn sha256_run(part: &Part) -> Duration {
-    use sqlite_export_store::codec::ContentDigest;
+    use sqlite_export_store::ContentDigest;
     let mut d = ContentDigest::new();
     let mut spent = Duration::ZERO;
     part.for_each_chunk(1 << 20, |chunk| {
