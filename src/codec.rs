@@ -17,6 +17,44 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
+/// Chunk-sized buffers given back by writers and readers that are done
+/// with them, for the next ones. A fresh chunk buffer is a fresh mapping
+/// of a MiB that page-faults on first touch and is unmapped when freed:
+/// measured on an HFS-sized part (1.6 MB), that cost 0.9 ms of a 1.2 ms
+/// write whenever other work had run in between. At most
+/// [`POOLED_BUFFERS`] buffers wait here.
+static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// Buffers [`BUFFERS`] keeps at most.
+const POOLED_BUFFERS: usize = 8;
+
+/// The largest buffer worth keeping (a 4 MiB chunk and its slack byte).
+const POOLED_CAPACITY: usize = (4 << 20) + 1;
+
+/// An empty buffer with room for at least `capacity` bytes: a pooled one
+/// if there is one, else a new one.
+pub(crate) fn take_buffer(capacity: usize) -> Vec<u8> {
+    let pooled = {
+        let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+        let at = pool.iter().position(|b| b.capacity() >= capacity);
+        at.map(|i| pool.swap_remove(i))
+    };
+    pooled.unwrap_or_else(|| Vec::with_capacity(capacity))
+}
+
+/// Gives a buffer back for [`take_buffer`] (dropped if the pool is full or
+/// the buffer is too large to be worth keeping).
+pub(crate) fn recycle_buffer(mut buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > POOLED_CAPACITY {
+        return;
+    }
+    buf.clear();
+    let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+    if pool.len() < POOLED_BUFFERS {
+        pool.push(buf);
+    }
+}
+
 type Compressor = zstd::bulk::Compressor<'static>;
 
 /// Compression contexts, shared by every thread: creating one costs more
@@ -26,7 +64,11 @@ type Compressor = zstd::bulk::Compressor<'static>;
 /// parts written at once peaked at 93 MiB of RSS instead of 143 to 166 MiB
 /// with a context per thread, at the same throughput).
 struct Contexts {
-    idle: Vec<(i32, Compressor)>,
+    /// Idle contexts by level, each with room for one frame: a frame is
+    /// compressed there, then copied out at its exact size (zstd's own
+    /// `compress` hands out a buffer as large as the chunk, a fresh
+    /// mapping per frame).
+    idle: Vec<(i32, Compressor, Vec<u8>)>,
     busy: usize,
 }
 
@@ -75,23 +117,32 @@ pub fn compress(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
     let _turn = Turn::wait();
     let reused = {
         let mut c = contexts();
-        let at = c.idle.iter().position(|(l, _)| *l == level);
-        at.map(|i| c.idle.swap_remove(i).1)
+        let at = c.idle.iter().position(|(l, _, _)| *l == level);
+        at.map(|i| {
+            let (_, ctx, scratch) = c.idle.swap_remove(i);
+            (ctx, scratch)
+        })
     };
-    let mut ctx = match reused {
-        Some(ctx) => ctx,
+    let (mut ctx, mut scratch) = match reused {
+        Some(reused) => reused,
         None => {
             let mut ctx = Compressor::new(level).map_err(fail)?;
             ctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
                 .map_err(fail)?;
             ctx.include_contentsize(true).map_err(fail)?;
-            ctx
+            (ctx, Vec::new())
         }
     };
-    let frame = ctx.compress(raw).map_err(fail)?;
+    scratch.clear();
+    scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+    let n = ctx.compress_to_buffer(raw, &mut scratch).map_err(fail)?;
+    let frame = scratch[..n].to_vec();
+    if scratch.capacity() > POOLED_CAPACITY * 2 {
+        scratch = Vec::new();
+    }
     let mut c = contexts();
     if c.idle.len() < cores() {
-        c.idle.push((level, ctx));
+        c.idle.push((level, ctx, scratch));
     }
     Ok(frame)
 }
@@ -192,5 +243,28 @@ mod tests {
                 raw
             );
         }
+    }
+
+    #[test]
+    fn pooled_buffers_come_back_empty_and_large_enough() {
+        let mut b = take_buffer(1 << 20);
+        assert!(b.capacity() >= 1 << 20 && b.is_empty());
+        b.extend_from_slice(b"stale bytes");
+        recycle_buffer(b);
+        // Other tests share the pool: whatever comes back must be empty
+        // and hold what was asked for.
+        for want in [1, 4096, 1 << 20, (1 << 20) + 1] {
+            let b = take_buffer(want);
+            assert!(b.is_empty() && b.capacity() >= want, "{want}");
+            recycle_buffer(b);
+        }
+        // An oversized buffer is not kept.
+        let huge = Vec::<u8>::with_capacity(POOLED_CAPACITY + 1);
+        recycle_buffer(huge);
+        let pool = BUFFERS.lock().unwrap();
+        assert!(pool
+            .iter()
+            .all(|b| b.capacity() <= POOLED_CAPACITY && b.is_empty()));
+        assert!(pool.len() <= POOLED_BUFFERS);
     }
 }

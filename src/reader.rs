@@ -120,7 +120,10 @@ impl PartReader {
         while self.pending.len() < self.read_ahead && self.next_fetch < self.part.chunk_count {
             let (pool, id, seq) = (self.pool.clone(), self.part.id, self.next_fetch);
             let algorithm = self.part.digest_algorithm;
-            let buf = self.spare.pop().unwrap_or_default();
+            let buf = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| codec::take_buffer(self.chunk_capacity()));
             self.next_fetch += 1;
             self.pending.push_back(self.runtime.spawn_blocking(move || {
                 fetch_chunk_into(&pool, id, seq, buf).map(|(raw_offset, bytes)| Decoded {
@@ -129,6 +132,20 @@ impl PartReader {
                     bytes,
                 })
             }));
+        }
+    }
+
+    /// The room a decoded chunk of this part needs (its first chunk is its
+    /// largest), with the byte of slack decoding asks for.
+    fn chunk_capacity(&self) -> usize {
+        let largest = self.part.byte_count.min(crate::MAX_CHUNK_SIZE as u64) as usize;
+        if self.part.chunk_count > 1 {
+            largest
+                .div_ceil(self.part.chunk_count as usize)
+                .next_power_of_two()
+                + 1
+        } else {
+            largest + 1
         }
     }
 
@@ -161,6 +178,8 @@ impl PartReader {
         let used = std::mem::replace(&mut self.current, d.bytes);
         if self.spare.len() < self.read_ahead {
             self.spare.push(used);
+        } else {
+            codec::recycle_buffer(used);
         }
         self.pos = 0;
         Ok(())
@@ -240,5 +259,7 @@ impl Drop for PartReader {
         for t in &self.pending {
             t.abort();
         }
+        codec::recycle_buffer(std::mem::take(&mut self.current));
+        self.spare.drain(..).for_each(codec::recycle_buffer);
     }
 }

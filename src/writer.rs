@@ -196,7 +196,7 @@ impl PartSink {
             runtime,
             part_id,
             part: key.display().to_string(),
-            buf: Vec::with_capacity(cfg.chunk_size),
+            buf: codec::take_buffer(cfg.chunk_size),
             spare: Vec::new(),
             cfg,
             next_seq: 0,
@@ -243,7 +243,7 @@ impl PartSink {
         let fresh = self
             .spare
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.cfg.chunk_size));
+            .unwrap_or_else(|| codec::take_buffer(self.cfg.chunk_size));
         let raw = std::mem::replace(&mut self.buf, fresh);
         let args = (self.part_id, self.next_seq, self.dispatched_bytes);
         self.next_seq += 1;
@@ -320,6 +320,8 @@ impl PartSink {
                     raw.clear();
                     if self.spare.len() < 2 {
                         self.spare.push(raw);
+                    } else {
+                        codec::recycle_buffer(raw);
                     }
                 }
                 Ok((Err(e), _, _)) if e.is_unavailable() => {
@@ -462,5 +464,7 @@ impl Drop for PartSink {
         if !record.is_some_and(|r| r.published) {
             self.db.discard_later(self.part_id);
         }
+        codec::recycle_buffer(std::mem::take(&mut self.buf));
+        self.spare.drain(..).for_each(codec::recycle_buffer);
     }
 }
