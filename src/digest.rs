@@ -192,7 +192,7 @@ pub(crate) fn hash_chunk(algorithm: DigestAlgorithm, raw_offset: u64, bytes: &[u
             alone: Some(h.finalize()),
         };
     }
-    if len == 0 || raw_offset % TREE_CHUNK != 0 {
+    if len == 0 || !raw_offset.is_multiple_of(TREE_CHUNK) {
         return ChunkHash::default();
     }
     // The largest subtree that can start at this offset.

@@ -29,6 +29,11 @@ fn bench(args: &[&str]) -> String {
 
 #[test]
 fn the_table_names_the_machine_every_contender_and_the_targets() {
+    let groups = if cfg!(feature = "server") {
+        "write,concurrent,read,small,serve"
+    } else {
+        "write,concurrent,read,small"
+    };
     let text = bench(&[
         "--size-mib",
         "2",
@@ -39,7 +44,7 @@ fn the_table_names_the_machine_every_contender_and_the_targets() {
         "--large-mib",
         "0",
         "--groups",
-        "write,concurrent,read,small",
+        groups,
     ]);
     for want in [
         "machine: ",
@@ -57,6 +62,19 @@ fn the_table_names_the_machine_every_contender_and_the_targets() {
         "≥ 0.90× zstd-3 1 thread",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    if cfg!(feature = "server") {
+        for want in [
+            "serve 1 part over loopback HTTP, 2 MiB synthetic, 1 connection",
+            "serve 1 part over loopback HTTP, 2 MiB synthetic, 4 connections at once",
+            "same NDJSON from memory, same HTTP stack (ceiling)",
+            "store, identity (frames decoded as sent)",
+            "store, zstd pass-through (",
+            "store, gzip on the fly (",
+            "peak RSS before serve (its baseline holds the part)",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
     }
 }
 

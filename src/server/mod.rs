@@ -16,7 +16,8 @@
 //!   (except for gzip, which is made on the fly), `ETag`, `Last-Modified`
 //!   (the finalize time), `Cache-Control: private`, `Accept-Ranges: bytes`,
 //!   `Vary: Accept-Encoding`, `X-Request-Id`. The identity ETag is strong:
-//!   the quoted hex SHA-256 of the NDJSON (the part digest). Encoded forms
+//!   the quoted hex part digest (the BLAKE3 of the NDJSON, as `b3sum`
+//!   prints it; SHA-256 for parts finished under schema 1). Encoded forms
 //!   carry weak ETags derived from it (`W/"{digest}+zstd"`, `W/"{digest}+gzip"`).
 //! - **Encodings**: when `Accept-Encoding` accepts `zstd` (and no `Range` is
 //!   sent), the stored zstd frames are sent as they are, with

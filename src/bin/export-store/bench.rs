@@ -3,7 +3,9 @@
 //! Runs the comparisons of `cargo bench --bench store` quickly, without
 //! criterion: a few repetitions of each, contenders interleaved so that
 //! noise falls on all of them alike, medians reported. Every ratio is taken
-//! between figures of the same run. `--memory-gib N` instead writes and
+//! between figures of the same run. The `serve` group downloads a finished
+//! part over loopback HTTP from the store's router (feature `server`),
+//! beside the same NDJSON sent from memory. `--memory-gib N` instead writes and
 //! reads back one part of N GiB and reports the process's peak RSS (run it
 //! under `/usr/bin/time -v` to confirm).
 
@@ -52,7 +54,7 @@ pub struct Args {
     #[arg(long, default_value = "both")]
     data: String,
     /// Comma-separated groups to run: write, concurrent, read, small,
-    /// delete, ratio (default: all).
+    /// delete, ratio, serve (default: all).
     #[arg(long)]
     groups: Option<String>,
     /// HFS-shaped parts (1,000 resources each) timed per store in the
@@ -144,7 +146,7 @@ async fn main(args: Args) -> BenchResult<()> {
         return memory_check(&corpora[0], bytes, options, &dir).await;
     }
 
-    let all = "write,concurrent,read,small,delete,ratio";
+    let all = "write,concurrent,read,small,delete,ratio,serve";
     let plan = Plan {
         size: args.size_mib << 20,
         large: if args.quick { 0 } else { args.large_mib << 20 },
@@ -219,6 +221,9 @@ async fn main(args: Args) -> BenchResult<()> {
     if plan.runs("ratio") && primary.name == "synthea" {
         ratio_group(&plan, &synthea_dir, &mut table).await?;
     }
+    // Last, because its baseline holds a whole part in memory.
+    let rss_before_serve = peak_rss_mib();
+    let served = plan.runs("serve") && serve_group(&plan, primary, &mut table).await?;
     table.row(
         "memory",
         "peak RSS of this run (VmHWM)",
@@ -226,6 +231,15 @@ async fn main(args: Args) -> BenchResult<()> {
         "",
         "",
     );
+    if served {
+        table.row(
+            "memory",
+            "peak RSS before serve (its baseline holds the part)",
+            format!("{rss_before_serve:.1} MiB"),
+            "",
+            "",
+        );
+    }
     table.print();
     println!("\n{}", load_line());
     println!("\ntargets:");
@@ -319,7 +333,7 @@ async fn write_group(
     );
     table.row(
         &group,
-        "SHA-256, 1 thread (reference)",
+        "BLAKE3 digest, 1 thread (reference)",
         mbs(bytes, sha.median(), &sha),
         ratio(ceil, sha.median()),
         "",
@@ -480,6 +494,74 @@ async fn read_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Ben
         0.80,
     );
     Ok(())
+}
+
+/// One finished part of `--size-mib` downloaded over loopback HTTP from the
+/// store's router (`measure_throughput`: real connections, bodies read to
+/// the end and checked), in each wire form, one download per connection at
+/// 1 and at 4 connections, beside the same NDJSON sent from memory by the
+/// same HTTP stack with no store behind it (the ceiling). Figures are NDJSON
+/// delivered per second, whatever went over the wire. Returns whether it ran.
+#[cfg(feature = "server")]
+async fn serve_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> BenchResult<bool> {
+    use sqlite_export_store::server::{measure_throughput, WireForm};
+    let part = corpus.part_of_size(plan.size);
+    let bytes = part.bytes();
+    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    let k = key(&ExportJobId::new(), 0);
+    write_part(&c.store, &k, &part).await?;
+    let forms = [
+        WireForm::MemoryBaseline,
+        WireForm::Identity,
+        WireForm::Zstd,
+        WireForm::Gzip,
+    ];
+    for conns in [1usize, 4] {
+        let downloads = conns * SERVE_DOWNLOADS_PER_CONNECTION;
+        let mut by: [Samples; 4] = Default::default();
+        let mut sent = [0u64; 4];
+        for _ in 0..plan.reps {
+            for (i, form) in forms.iter().enumerate() {
+                let t = measure_throughput(&c.store, &k, *form, downloads, conns).await?;
+                by[i].0.push(t.elapsed);
+                sent[i] = t.wire_bytes / downloads as u64;
+            }
+        }
+        let group = format!(
+            "serve 1 part over loopback HTTP, {} MiB {}, {}",
+            bytes >> 20,
+            corpus.name,
+            if conns == 1 {
+                "1 connection".to_string()
+            } else {
+                format!("{conns} connections at once")
+            }
+        );
+        let total = bytes * downloads as u64;
+        let ceil = by[0].median();
+        let on_wire = |n: u64| format!("{:.1} MB sent per part", n as f64 / 1e6);
+        let labels = [
+            "same NDJSON from memory, same HTTP stack (ceiling)".to_string(),
+            "store, identity (frames decoded as sent)".to_string(),
+            format!("store, zstd pass-through ({})", on_wire(sent[2])),
+            format!("store, gzip on the fly ({})", on_wire(sent[3])),
+        ];
+        for (i, label) in labels.iter().enumerate() {
+            let m = by[i].median();
+            table.row(&group, label, mbs(total, m, &by[i]), ratio(ceil, m), "");
+        }
+    }
+    Ok(true)
+}
+
+/// Downloads per connection in one `serve` figure.
+#[cfg(feature = "server")]
+const SERVE_DOWNLOADS_PER_CONNECTION: usize = 1;
+
+#[cfg(not(feature = "server"))]
+async fn serve_group(_: &Plan, _: &Arc<Corpus>, _: &mut Table) -> BenchResult<bool> {
+    println!("(no serve group: this build has no feature `server`)");
+    Ok(false)
 }
 
 async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> BenchResult<()> {
