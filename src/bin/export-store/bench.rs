@@ -21,8 +21,8 @@ use sqlite_export_store::{
 mod workload;
 
 use workload::{
-    codec_parallel, codec_run, delete_job, discard, fill_job, hfs_parts, key, mb_per_s, quantile,
-    read_part, settle, sha256_run, write_concurrently, write_part, BenchResult, Contenders, Corpus,
+    codec_parallel, codec_run, delete_job, digest_run, discard, fill_job, hfs_parts, key, mb_per_s,
+    quantile, read_part, settle, write_concurrently, write_part, BenchResult, Contenders, Corpus,
     Part, Which, HFS_BATCH, READ_BUFFER,
 };
 
@@ -190,7 +190,8 @@ async fn main(args: Args) -> BenchResult<()> {
         );
     }
     println!(
-        "median of {} runs per figure; MB/s = 10^6 bytes of NDJSON per second\n",
+        "median of {} runs per figure; MB/s = 10^6 bytes of NDJSON per second; a ratio \
+         between contenders measured in the same run is the median of their per-run ratios\n",
         plan.reps
     );
 
@@ -254,6 +255,25 @@ async fn main(args: Args) -> BenchResult<()> {
 struct Samples(Vec<Duration>);
 
 impl Samples {
+    /// How many times faster these samples are than `base`'s, run by run
+    /// (`base[i] / self[i]`), as the median of the per-run ratios: each
+    /// run measures every contender back to back, so a disturbance that
+    /// slows one run down slows both sides of its ratio.
+    fn paired(&self, base: &Samples) -> f64 {
+        let mut r: Vec<f64> = base
+            .0
+            .iter()
+            .zip(&self.0)
+            .map(|(b, s)| b.as_secs_f64() / s.as_secs_f64().max(1e-12))
+            .collect();
+        r.sort_by(f64::total_cmp);
+        if r.is_empty() {
+            return f64::NAN;
+        }
+        r[(r.len() - 1) / 2..=r.len() / 2].iter().sum::<f64>()
+            / if r.len() % 2 == 0 { 2.0 } else { 1.0 }
+    }
+
     fn median(&self) -> Duration {
         quantile(&self.0, 0.5)
     }
@@ -292,7 +312,7 @@ async fn write_group(
     let part = corpus.part_of_size(size);
     let bytes = part.bytes();
     let c = Contenders::open(&plan.dir, plan.options.clone())?;
-    let (mut ceiling, mut sha) = (Samples::default(), Samples::default());
+    let (mut ceiling, mut digest) = (Samples::default(), Samples::default());
     let mut by = [Samples::default(), Samples::default(), Samples::default()];
     let order = [Which::Store, Which::Fs, Which::FsSync];
     if !plan.runs("write") {
@@ -309,7 +329,7 @@ async fn write_group(
         ceiling
             .0
             .push(codec_run(&part, plan.chunk, plan.level, false).compress);
-        sha.0.push(sha256_run(&part));
+        digest.0.push(digest_run(&part));
         for (i, w) in order.iter().enumerate() {
             by[i]
                 .0
@@ -323,19 +343,18 @@ async fn write_group(
     };
     let group = format!("write 1 part, {} MiB {}{runs}", bytes >> 20, corpus.name);
     let ceil = ceiling.median();
-    let sync = by[2].median();
     table.row(
         &group,
         &format!("zstd-{} compress, 1 thread (ceiling)", plan.level),
         mbs(bytes, ceil, &ceiling),
         "1.00×",
-        ratio(sync, ceil),
+        times(ceiling.paired(&by[2])),
     );
     table.row(
         &group,
         "BLAKE3 digest, 1 thread (reference)",
-        mbs(bytes, sha.median(), &sha),
-        ratio(ceil, sha.median()),
+        mbs(bytes, digest.median(), &digest),
+        times(digest.paired(&ceiling)),
         "",
     );
     for (i, w) in order.iter().enumerate() {
@@ -344,18 +363,17 @@ async fn write_group(
             &group,
             w.label(),
             mbs(bytes, m, &by[i]),
-            ratio(ceil, m),
-            ratio(sync, m),
+            times(by[i].paired(&ceiling)),
+            times(by[i].paired(&by[2])),
         );
     }
-    let store = by[0].median();
     table.target(
         &format!(
             "write 1 part ({} MiB {}) ≥ 0.90× zstd-3 1 thread",
             bytes >> 20,
             corpus.name
         ),
-        ceil.as_secs_f64() / store.as_secs_f64(),
+        by[0].paired(&ceiling),
         0.90,
     );
     table.target(
@@ -364,7 +382,7 @@ async fn write_group(
             bytes >> 20,
             corpus.name
         ),
-        sync.as_secs_f64() / store.as_secs_f64(),
+        by[0].paired(&by[2]),
         2.5,
     );
     Ok(Some(bytes as f64 / ceil.as_secs_f64()))
@@ -403,7 +421,6 @@ async fn concurrent_group(
             bytes >> 20,
             corpus.name
         );
-        let sync = by[2].median();
         let ceil = compress_rate.map(|r| Duration::from_secs_f64(bytes as f64 / r));
         table.row(
             &group,
@@ -413,7 +430,7 @@ async fn concurrent_group(
             ),
             mbs(bytes, cores.median(), &cores),
             ceil.map(|c| ratio(c, cores.median())).unwrap_or_default(),
-            ratio(by[2].median(), cores.median()),
+            times(cores.paired(&by[2])),
         );
         for (i, w) in order.iter().enumerate() {
             let m = by[i].median();
@@ -423,7 +440,7 @@ async fn concurrent_group(
                 w.label(),
                 mbs(bytes, m, &by[i]),
                 vs_ceiling,
-                ratio(sync, m),
+                times(by[i].paired(&by[2])),
             );
         }
         if let (4, Some(c)) = (n, ceil) {
@@ -475,14 +492,14 @@ async fn read_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Ben
         &group,
         Which::Store.label(),
         mbs(bytes, store.median(), &store),
-        ratio(ceil, store.median()),
+        times(store.paired(&ceiling)),
         "",
     );
     table.row(
         &group,
         "local fs (the file, page cache)",
         mbs(bytes, fs.median(), &fs),
-        ratio(ceil, fs.median()),
+        times(fs.paired(&ceiling)),
         "",
     );
     table.target(
@@ -490,7 +507,7 @@ async fn read_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Ben
             "read 1 part ({}) ≥ 0.80× zstd decompress 1 thread",
             corpus.name
         ),
-        ceil.as_secs_f64() / store.median().as_secs_f64(),
+        store.paired(&ceiling),
         0.80,
     );
     Ok(())
@@ -839,6 +856,11 @@ fn mbs(bytes: u64, median: Duration, s: &Samples) -> String {
 /// How many times faster `d` is than `base` (`base / d`), as "1.23×".
 fn ratio(base: Duration, d: Duration) -> String {
     format!("{:.2}×", base.as_secs_f64() / d.as_secs_f64().max(1e-12))
+}
+
+/// A speed ratio as "1.23×".
+fn times(r: f64) -> String {
+    format!("{r:.2}×")
 }
 
 fn ms(d: Duration) -> String {
