@@ -28,6 +28,19 @@ const BATCH_CHUNKS: usize = 32;
 const BATCH_BYTES: usize = 8 << 20;
 /// Commands that may wait for the writer thread.
 const QUEUE_DEPTH: usize = 64;
+/// The size, in bytes, the write connection truncates the write-ahead log
+/// back to when it starts the log over after a checkpoint
+/// (`PRAGMA journal_size_limit`). SQLite checkpoints on its own once the
+/// log passes 1,000 pages (4 MiB at the store's page size), but a batch of
+/// chunks may add up to [`BATCH_BYTES`] in one transaction, and a reader
+/// holding an old snapshot keeps any checkpoint from catching up, so the
+/// log can grow well past that while parts are written; SQLite then reuses
+/// the `-wal` file from its start without ever making it smaller. With the
+/// limit, the first commit that starts the log over after a checkpoint
+/// caught up (a finalize, say) truncates the file back to this size, or to
+/// that commit's own frames if they are larger. Set to the autocheckpoint
+/// threshold, it leaves a log that stays below the threshold alone.
+const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
 type Call = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -109,6 +122,13 @@ impl Db {
             ));
         }
         schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
+        // This is the store's only connection that writes, so the only one
+        // that starts the log over and truncates it: the read pool needs no
+        // limit.
+        conn.pragma_update_and_check(None, "journal_size_limit", WAL_SIZE_LIMIT, |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(|e| from_sqlite(op, e))?;
         schema::prepare(&mut conn)?;
         schema::limit_size(&conn, options.max_database_size).map_err(|e| from_sqlite(op, e))?;
         // Free pages left by a reclamation that a crash interrupted.

@@ -475,3 +475,97 @@ async fn the_cli_collects_garbage_and_verifies_with_the_right_exit_status() {
     assert_ne!(code, 0);
     assert!(err.contains("not a duration"), "{err}");
 }
+
+/// `PRAGMA journal_size_limit` of the store's write connection (the
+/// store's `WAL_SIZE_LIMIT`, in src/db.rs).
+const WAL_LIMIT: u64 = 4 << 20;
+/// What small writes may add after the write-ahead log was truncated back
+/// to the limit, before the next checkpoint.
+const WAL_SLACK: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_shrinks_back_to_its_limit_after_big_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("wal.db");
+    // One 16 MiB chunk is one transaction of about 11 MiB of frames: the log
+    // grows well past the limit before SQLite's automatic checkpoint.
+    let store =
+        SqliteOutputStore::open_with(&db, BASE, StoreOptions::default().with_chunk_size(16 << 20))
+            .unwrap();
+    let data = noise(16 << 20);
+    let wal = || faultkit::disk_bytes(&db).1;
+
+    // Alone: the chunk's commit checkpoints, and the finalize that follows
+    // starts the log over and truncates it.
+    write_noise(&store, &key("acme", "big", "Binary", 0, 1), &data).await;
+    assert!(
+        wal() <= WAL_LIMIT + WAL_SLACK,
+        "WAL {} after a big part",
+        wal()
+    );
+
+    // While a reader holds an old snapshot, no checkpoint can catch up and
+    // the log only grows; once the reader is gone, the next small write's
+    // commit checkpoints and the one after it truncates (a small part is
+    // several transactions: its open, its chunk, its finalize).
+    let reader = rusqlite::Connection::open(&db).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM parts", [], |r| r.get(0))
+        .unwrap();
+    write_noise(&store, &key("acme", "big", "Binary", 1, 1), &data).await;
+    let pinned = wal();
+    assert!(pinned > 2 * WAL_LIMIT, "WAL {pinned} behind an open reader");
+    drop(reader);
+    write_part(&store, &key("acme", "small", "Patient", 0, 1))
+        .await
+        .unwrap();
+    let after = wal();
+    assert!(
+        after <= WAL_LIMIT + WAL_SLACK,
+        "WAL {pinned} -> {after} after the reader left and a small part was written"
+    );
+    println!(
+        "WAL: {:.1} MiB behind an open reader, {:.1} MiB after one small part",
+        pinned as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    let back = read_part(&store, &key("acme", "big", "Binary", 1, 1))
+        .await
+        .unwrap();
+    assert!(back == data);
+}
+
+async fn write_noise(store: &SqliteOutputStore, k: &ExportPartKey, data: &[u8]) {
+    let mut w = store.open_writer(k).await.unwrap();
+    for l in data.split_inclusive(|b| *b == b'\n') {
+        w.write_line(std::str::from_utf8(&l[..l.len() - 1]).unwrap())
+            .await
+            .unwrap();
+    }
+    store.finalize_part(k, w).await.unwrap();
+}
+
+/// At least `n` bytes of NDJSON that zstd shrinks by a quarter at most:
+/// lines of random letters.
+fn noise(n: usize) -> Vec<u8> {
+    let mut rng = faultkit::Rng(0x9e37_79b9_7f4a_7c15);
+    let mut out = Vec::with_capacity(n + 4096);
+    let mut i = 0;
+    while out.len() < n {
+        out.extend_from_slice(
+            format!(r#"{{"resourceType":"Binary","id":"n{i}","data":""#).as_bytes(),
+        );
+        for _ in 0..256 {
+            let mut x = rng.next();
+            for _ in 0..8 {
+                let c = (x % 52) as u8;
+                out.push(if c < 26 { b'A' + c } else { b'a' + c - 26 });
+                x >>= 8;
+            }
+        }
+        out.extend_from_slice(b"\"}\n");
+        i += 1;
+    }
+    out
+}

@@ -270,8 +270,8 @@ impl Samples {
         if r.is_empty() {
             return f64::NAN;
         }
-        r[(r.len() - 1) / 2..=r.len() / 2].iter().sum::<f64>()
-            / if r.len() % 2 == 0 { 2.0 } else { 1.0 }
+        let middle = &r[(r.len() - 1) / 2..=r.len() / 2];
+        middle.iter().sum::<f64>() / middle.len() as f64
     }
 
     fn median(&self) -> Duration {

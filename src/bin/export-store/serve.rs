@@ -1,11 +1,17 @@
 //! `export-store serve`: HFS's download route over HTTP, from a store file.
 
+use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use sqlite_export_store::server::{self, ServerConfig, DEFAULT_TENANT};
-use sqlite_export_store::{SqliteOutputStore, StoreOptions};
+use sqlite_export_store::server::{self, ServerConfig, DEFAULT_TENANT, MIN_TOKEN_BYTES};
+use sqlite_export_store::{SqliteOutputStore, StoreOptions, MAX_ID_BYTES};
+
+/// The exit status when a token file is refused (as for a bad argument).
+const BAD_TOKEN_FILE: u8 = 2;
+/// The largest token file read, in bytes: a token file holds a few lines.
+const MAX_TOKEN_FILE_BYTES: u64 = 1 << 20;
 
 /// Arguments of `export-store serve`.
 #[derive(clap::Args)]
@@ -18,13 +24,28 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
     /// Grants `Authorization: Bearer SECRET` access to the default tenant's
-    /// files (at least 16 visible ASCII characters). Repeatable.
+    /// files (at least 16 visible ASCII characters). Repeatable. Every local
+    /// user can read a command line (`ps`): `--token-file` keeps the secret
+    /// out of it.
     #[arg(long = "token", value_name = "SECRET")]
     tokens: Vec<String>,
     /// Grants `Authorization: Bearer SECRET` access to one tenant's files
-    /// (split at the first `=`). Repeatable.
+    /// (split at the first `=`). Repeatable. Every local user can read a
+    /// command line (`ps`): `--tenant-token-file` keeps the secret out of it.
     #[arg(long = "tenant-token", value_name = "TENANT=SECRET")]
     tenant_tokens: Vec<String>,
+    /// Like `--token`, for every secret in the file: one per line; blank
+    /// lines, lines starting with `#` and whitespace around a line are
+    /// ignored. Read once at start. Repeatable, and adds to `--token`. A
+    /// file other users can read or change is used, with a warning.
+    #[arg(long = "token-file", value_name = "PATH")]
+    token_files: Vec<PathBuf>,
+    /// Like `--tenant-token`, for every `TENANT=SECRET` line in the file
+    /// (comments and blank lines as in `--token-file`). The tenant id ends
+    /// at the first `=`, so a tenant id holding `=` cannot be granted here;
+    /// a secret may hold `=`. Repeatable, and adds to `--tenant-token`.
+    #[arg(long = "tenant-token-file", value_name = "PATH")]
+    tenant_token_files: Vec<PathBuf>,
     /// Accept signed URLs verified with this key (the file's bytes, less a
     /// trailing line end; at least 16 bytes), as minted by a store opened
     /// with the same key.
@@ -55,6 +76,22 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let mut file_grants = Vec::new();
+    let files = [
+        (TokenFile::Secrets, &args.token_files),
+        (TokenFile::TenantSecrets, &args.tenant_token_files),
+    ];
+    for (kind, paths) in files {
+        for path in paths {
+            match read_token_file(kind, path) {
+                Ok(grants) => file_grants.extend(grants),
+                Err(message) => {
+                    eprintln!("export-store: {message}");
+                    return Ok(ExitCode::from(BAD_TOKEN_FILE));
+                }
+            }
+        }
+    }
     if !args.db.is_file() {
         return Err(format!("no store at {}", args.db.display()).into());
     }
@@ -76,8 +113,14 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             .ok_or("--tenant-token takes TENANT=SECRET")?;
         config = config.with_token(tenant, secret.as_bytes());
     }
-    let open =
-        args.tokens.is_empty() && args.tenant_tokens.is_empty() && args.signing_key_file.is_none();
+    let open = args.tokens.is_empty()
+        && args.tenant_tokens.is_empty()
+        && file_grants.is_empty()
+        && args.signing_key_file.is_none();
+    for (tenant, secret) in file_grants {
+        let tenant = tenant.unwrap_or_else(|| args.tenant.clone());
+        config = config.with_token(tenant, secret.into_bytes());
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,6 +157,149 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     })
 }
 
+/// The two kinds of token file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TokenFile {
+    /// `--token-file`: one secret a line, for the default tenant.
+    Secrets,
+    /// `--tenant-token-file`: one `TENANT=SECRET` a line.
+    TenantSecrets,
+}
+
+impl TokenFile {
+    fn flag(self) -> &'static str {
+        match self {
+            TokenFile::Secrets => "--token-file",
+            TokenFile::TenantSecrets => "--tenant-token-file",
+        }
+    }
+}
+
+/// One grant read from a token file: the tenant (`None`: the default
+/// tenant) and the secret.
+type Grant = (Option<String>, String);
+
+/// Reads and checks a token file. The error names the flag, the file and,
+/// for a bad line, its number, and never shows any of the file's text (a
+/// line that is not what it should be may still be a secret). Warns when
+/// other users may read or change the file.
+fn read_token_file(kind: TokenFile, path: &Path) -> Result<Vec<Grant>, String> {
+    let flag = kind.flag();
+    let shown = path.display();
+    let cannot = |e: std::io::Error| format!("{flag} {shown}: cannot read it: {e}");
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    warn_if_shared(flag, path, &file);
+    let mut text = Vec::new();
+    file.by_ref()
+        .take(MAX_TOKEN_FILE_BYTES + 1)
+        .read_to_end(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return Err(format!(
+            "{flag} {shown}: larger than {MAX_TOKEN_FILE_BYTES} bytes; is this a token file?"
+        ));
+    }
+    let grants = parse_token_file(kind, &text)
+        .map_err(|(line, why)| format!("{flag} {shown}: line {line}: {why}"))?;
+    if grants.is_empty() {
+        return Err(format!(
+            "{flag} {shown}: holds no secret (only blank lines and comments)"
+        ));
+    }
+    Ok(grants)
+}
+
+/// Parses a token file's text: lines end with `\n` (a `\r` before it goes
+/// with the whitespace trimmed from both ends of a line); empty lines and
+/// lines starting with `#` are skipped. A bad line fails with its 1-based
+/// number and what is wrong, in words that never quote the line.
+fn parse_token_file(kind: TokenFile, text: &[u8]) -> Result<Vec<Grant>, (usize, String)> {
+    let mut grants = Vec::new();
+    for (i, raw) in text.split(|b| *b == b'\n').enumerate() {
+        let number = i + 1;
+        let line = std::str::from_utf8(raw)
+            .map_err(|_| (number, "not UTF-8 text".to_string()))?
+            .trim_ascii();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let grant = match kind {
+            TokenFile::Secrets => (None, line),
+            TokenFile::TenantSecrets => {
+                let (tenant, secret) = line.split_once('=').ok_or((
+                    number,
+                    "expected TENANT=SECRET: there is no `=`".to_string(),
+                ))?;
+                check_tenant(tenant).map_err(|why| (number, why))?;
+                (Some(tenant.to_string()), secret)
+            }
+        };
+        check_secret(grant.1).map_err(|why| (number, why))?;
+        grants.push((grant.0, grant.1.to_string()));
+    }
+    Ok(grants)
+}
+
+/// The rules `ServerConfig` applies to a token's tenant, plus no spaces at
+/// either end (`acme = secret` is a mistake, not the tenant `acme `).
+fn check_tenant(tenant: &str) -> Result<(), String> {
+    if tenant.is_empty() {
+        return Err("expected TENANT=SECRET: the tenant id before `=` is empty".into());
+    }
+    if tenant.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "the tenant id is {} bytes; at most {MAX_ID_BYTES} allowed",
+            tenant.len()
+        ));
+    }
+    if tenant.chars().any(char::is_control) {
+        return Err("the tenant id contains a control character".into());
+    }
+    if tenant.ends_with(char::is_whitespace) {
+        return Err("the tenant id ends with whitespace (no spaces around `=`)".into());
+    }
+    Ok(())
+}
+
+/// The rules `ServerConfig` applies to a secret: at least
+/// [`MIN_TOKEN_BYTES`] bytes of visible ASCII.
+fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.is_empty() {
+        return Err("the secret is empty".into());
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "the secret must be visible ASCII, without spaces (it travels in a header)".into(),
+        );
+    }
+    if secret.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "the secret is shorter than {MIN_TOKEN_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// Warns when a token file's mode lets users other than its owner read or
+/// change it (Unix only).
+#[cfg(unix)]
+fn warn_if_shared(flag: &str, path: &Path, file: &std::fs::File) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = file.metadata() {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o066 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                mode = %format!("{mode:03o}"),
+                "{flag}: other users can read or change this file; `chmod 600` it"
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_shared(_flag: &str, _path: &Path, _file: &std::fs::File) {}
+
 /// Ctrl-C, or SIGTERM on Unix.
 async fn signal() {
     #[cfg(unix)]
@@ -134,5 +320,92 @@ async fn signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "aaaaaaaaaaaaaaaa-secret";
+    const B: &str = "bbbbbbbbbbbbbbbb=with=equals";
+
+    #[test]
+    fn secrets_files_skip_comments_blanks_and_line_ends() {
+        let text = format!("# staging tokens\n\n  {A}  \r\n\t# old one\n{B}\r\n");
+        let grants = parse_token_file(TokenFile::Secrets, text.as_bytes()).unwrap();
+        assert_eq!(grants, vec![(None, A.into()), (None, B.into())]);
+    }
+
+    #[test]
+    fn tenant_files_split_at_the_first_equals() {
+        let text = format!("acme/research={B}\n# x=y\nacme={A}");
+        let grants = parse_token_file(TokenFile::TenantSecrets, text.as_bytes()).unwrap();
+        assert_eq!(
+            grants,
+            vec![
+                (Some("acme/research".into()), B.into()),
+                (Some("acme".into()), A.into())
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_named_by_number_without_their_text() {
+        let secret = "zzzzzzzzzzzzzzzzzzzz";
+        let cases: &[(TokenFile, String, usize, &str)] = &[
+            (
+                TokenFile::Secrets,
+                "# c\ntiny-secret".into(),
+                2,
+                "shorter than 16",
+            ),
+            (
+                TokenFile::Secrets,
+                format!("{A}\n\n{secret} {secret}"),
+                3,
+                "visible ASCII",
+            ),
+            (TokenFile::TenantSecrets, secret.into(), 1, "no `=`"),
+            (
+                TokenFile::TenantSecrets,
+                format!("={secret}"),
+                1,
+                "tenant id before `=` is empty",
+            ),
+            (TokenFile::TenantSecrets, "acme=".into(), 1, "empty"),
+            (
+                TokenFile::TenantSecrets,
+                format!("acme = {secret}"),
+                1,
+                "ends with whitespace",
+            ),
+            (
+                TokenFile::TenantSecrets,
+                format!("ac\tme={secret}"),
+                1,
+                "control character",
+            ),
+            (
+                TokenFile::TenantSecrets,
+                format!("{}={secret}", "t".repeat(MAX_ID_BYTES + 1)),
+                1,
+                "at most 256",
+            ),
+        ];
+        for (kind, text, line, why) in cases {
+            let (n, message) = parse_token_file(*kind, text.as_bytes()).unwrap_err();
+            assert_eq!(n, *line, "{text:?}: {message}");
+            assert!(message.contains(why), "{text:?}: {message}");
+            assert!(!message.contains("zzzz") && !message.contains("tiny"));
+        }
+        let (n, message) = parse_token_file(TokenFile::Secrets, b"# ok\n\xff\xfe\n").unwrap_err();
+        assert_eq!((n, message.as_str()), (2, "not UTF-8 text"));
+    }
+
+    #[test]
+    fn files_of_only_comments_hold_no_grant() {
+        let grants = parse_token_file(TokenFile::Secrets, b"# none yet\n\n").unwrap();
+        assert!(grants.is_empty());
     }
 }
