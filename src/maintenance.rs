@@ -8,7 +8,9 @@
 //!   the middle leaves a sound database (each step commits whole or not at
 //!   all);
 //! - [`reclaim_abandoned`](SqliteOutputStore::reclaim_abandoned) removes
-//!   staged parts only, never a finished one; [`prune_superseded`](SqliteOutputStore::prune_superseded)
+//!   staged parts only, never a finished one, and drops deleted jobs' fence
+//!   marks once they are older than [`JOB_FENCE_MIN_AGE`] (or the age it is
+//!   given, if longer); [`prune_superseded`](SqliteOutputStore::prune_superseded)
 //!   keeps, in every slot, the parts under the slot's highest token;
 //! - [`verify`](SqliteOutputStore::verify) only reads; it walks every
 //!   finished part and reports each problem instead of stopping at the first.
@@ -40,6 +42,17 @@ use crate::SqliteOutputStore;
 
 /// Staged parts `reclaim_abandoned` deletes per transaction.
 const RECLAIM_BATCH: u32 = 64;
+
+/// Fence marks `reclaim_abandoned` drops per transaction.
+const FENCE_PRUNE_BATCH: u32 = 1024;
+
+/// The youngest a deleted job's fence mark can be when
+/// [`reclaim_abandoned`](SqliteOutputStore::reclaim_abandoned) drops it: a
+/// day. A mark stops a worker that lost its lease from writing a job whose
+/// outputs were deleted; such a worker notices within one lease renewal
+/// (minutes in HFS), and HFS's own retention of finished jobs is 24 h, so a
+/// mark older than a day guards against nothing that is still running.
+pub const JOB_FENCE_MIN_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Finished parts `verify` lists per query.
 const VERIFY_PAGE: u32 = 64;
@@ -162,6 +175,12 @@ impl SqliteOutputStore {
     /// A writer whose staging was reclaimed anyway fails on its next chunk
     /// or at finalize with a not-found error; nothing half-written is ever
     /// published. Works in batches of short transactions.
+    ///
+    /// It also drops the fence marks of deleted jobs (see
+    /// [`SqliteOutputStore`]) recorded more than `older_than` or
+    /// [`JOB_FENCE_MIN_AGE`] ago, whichever is longer, so that marks do not
+    /// pile up; they are not counted in the returned number. Once a job's
+    /// mark is gone, the store no longer refuses its old tokens.
     pub async fn reclaim_abandoned(&self, older_than: Duration) -> StorageResult<u64> {
         let op = "reclaim_abandoned";
         let age = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
@@ -196,10 +215,37 @@ impl SqliteOutputStore {
                 _ => break,
             }
         }
+        self.prune_job_fences(older_than.max(JOB_FENCE_MIN_AGE))
+            .await?;
         if total > 0 {
             self.db().reclaim_space_soon();
         }
         Ok(total)
+    }
+
+    /// Drops fence marks recorded more than `older_than` ago, in batches of
+    /// short transactions. Returns how many went.
+    async fn prune_job_fences(&self, older_than: Duration) -> StorageResult<u64> {
+        let op = "reclaim_abandoned";
+        let age = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms().saturating_sub(age);
+        let mut total = 0_u64;
+        loop {
+            let pruned = self
+                .db()
+                .write(op, move |c| {
+                    let fail = |e| from_sqlite(op, e);
+                    let tx = immediate(c, op)?;
+                    let n = sql::prune_job_fences(&tx, cutoff, FENCE_PRUNE_BATCH).map_err(fail)?;
+                    tx.commit().map_err(fail)?;
+                    Ok(n as u64)
+                })
+                .await?;
+            total += pruned;
+            if pruned < u64::from(FENCE_PRUNE_BATCH) {
+                return Ok(total);
+            }
+        }
     }
 
     /// Deletes the parts of one tenant's job that a later claim superseded:

@@ -24,6 +24,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_digest_algorithm",
         include_str!("../migrations/0002_digest_algorithm.sql"),
     ),
+    (
+        "0003_job_fences",
+        include_str!("../migrations/0003_job_fences.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
@@ -153,7 +157,12 @@ mod tests {
         prepare(&mut fresh).unwrap();
         assert_eq!(version(&fresh).unwrap(), SCHEMA_VERSION);
         let want = tables(&fresh);
-        assert!(want.contains(&"parts".to_string()) && want.contains(&"chunks".to_string()));
+        for table in ["parts", "chunks", "job_fences"] {
+            assert!(
+                want.contains(&table.to_string()),
+                "{table} missing from {want:?}"
+            );
+        }
         // From every earlier version: apply the first n by hand, then migrate.
         for n in 0..SCHEMA_VERSION {
             let mut c = Connection::open(dir.path().join(format!("v{n}.db"))).unwrap();

@@ -312,6 +312,97 @@ pub fn delete_tenant(conn: &Connection, tenant: &str) -> rusqlite::Result<usize>
         .execute(params![tenant])
 }
 
+/// The highest fencing token among the parts (staged or finished) of each
+/// job of `tenant` (only `job`, if given) that has parts, in job id order:
+/// the fence marks a delete of those jobs records. Read them before the
+/// delete, and raise the marks after it (see [`raise_job_fence`]).
+pub fn highest_tokens(
+    conn: &Connection,
+    tenant: &str,
+    job: Option<&str>,
+) -> rusqlite::Result<Vec<(String, u64)>> {
+    let sql = if job.is_some() {
+        "SELECT job_id, max(fencing_token) FROM parts WHERE tenant_id = ?1 AND job_id = ?2
+         GROUP BY job_id ORDER BY job_id"
+    } else {
+        "SELECT job_id, max(fencing_token) FROM parts WHERE tenant_id = ?1 AND ?2 IS NULL
+         GROUP BY job_id ORDER BY job_id"
+    };
+    conn.prepare_cached(sql)?
+        .query_map(params![tenant, job], |r| {
+            Ok((r.get::<_, String>(0)?, token_from_sql(r.get(1)?)))
+        })?
+        .collect()
+}
+
+/// Records that one tenant's job was deleted when its highest token was
+/// `token`, stamped `now_ms`: inserts the job's fence mark, or raises an
+/// existing one (never lowering its token; its time moves forward only).
+/// Returns rows written (1).
+///
+/// Run it in the delete's transaction, after the delete: on a database at
+/// its size cap, the pages the delete freed are what the mark is written
+/// into.
+pub fn raise_job_fence(
+    conn: &Connection,
+    tenant: &str,
+    job: &str,
+    token: u64,
+    now_ms: i64,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "INSERT INTO job_fences (tenant_id, job_id, fencing_token, recorded_at_ms)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (tenant_id, job_id) DO UPDATE SET
+             fencing_token = max(fencing_token, excluded.fencing_token),
+             recorded_at_ms = max(recorded_at_ms, excluded.recorded_at_ms)",
+    )?
+    .execute(params![tenant, job, token_to_sql(token), now_ms])
+}
+
+/// The size cap in force on this connection, in pages (`PRAGMA
+/// max_page_count`; SQLite's own limit when no cap was set).
+pub fn size_cap(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("PRAGMA max_page_count", [], |r| r.get::<_, i64>(0))
+        .map(|v| v.max(0) as u64)
+}
+
+/// Sets this connection's size cap to `pages` (clamped to SQLite's limit);
+/// returns the cap now in force, which SQLite raises to the database's
+/// current page count if it is larger.
+pub fn set_size_cap(conn: &Connection, pages: u64) -> rusqlite::Result<u64> {
+    let pages = pages.clamp(1, SQLITE_MAX_PAGES);
+    conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|v| v.max(0) as u64)
+}
+
+/// SQLite's largest page count (`SQLITE_MAX_PAGE_COUNT` of the bundled
+/// build): a cap this high is no cap.
+pub const SQLITE_MAX_PAGES: u64 = 0xffff_fffe;
+
+/// The fence mark of one tenant's job: the highest token it had when its
+/// parts were last deleted, if a mark is kept.
+pub fn job_fence(conn: &Connection, tenant: &str, job: &str) -> rusqlite::Result<Option<u64>> {
+    conn.prepare_cached(
+        "SELECT fencing_token FROM job_fences WHERE tenant_id = ?1 AND job_id = ?2",
+    )?
+    .query_row(params![tenant, job], |r| r.get::<_, i64>(0))
+    .optional()
+    .map(|v| v.map(token_from_sql))
+}
+
+/// Deletes up to `limit` fence marks recorded at or before `cutoff_ms`.
+/// Returns how many went.
+pub fn prune_job_fences(conn: &Connection, cutoff_ms: i64, limit: u32) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM job_fences WHERE rowid IN
+             (SELECT rowid FROM job_fences WHERE recorded_at_ms <= ?1 LIMIT ?2)",
+    )?
+    .execute(params![cutoff_ms, limit])
+}
+
 /// Deletes a staged part by id; a finished one is left alone.
 pub fn discard_staged_by_id(conn: &Connection, id: i64) -> rusqlite::Result<usize> {
     conn.prepare_cached("DELETE FROM parts WHERE id = ?1 AND finalized = 0")?
@@ -611,6 +702,52 @@ mod tests {
         assert!(integrity_problems(&c, 10).unwrap().is_empty());
         // An in-memory database without auto-vacuum frees nothing, and says so.
         assert_eq!(incremental_vacuum(&c, 10).unwrap(), 0);
+    }
+
+    #[test]
+    fn fence_marks_keep_the_highest_token_per_job_and_age_out() {
+        let c = db();
+        let k = |tenant: &str, job: &str, idx: u32, token: u64| {
+            ExportPartKey::output(tenant, ExportJobId::from(job), "P", idx, token)
+        };
+        // No parts: nothing to remember.
+        assert!(highest_tokens(&c, "acme", Some("j")).unwrap().is_empty());
+        insert_staged(&c, &k("acme", "j", 0, 3), 0).unwrap();
+        insert_staged(&c, &k("acme", "j", 1, u64::MAX - 1), 0).unwrap();
+        insert_staged(&c, &k("acme", "other", 0, 1), 0).unwrap();
+        insert_staged(&c, &k("acme/research", "j", 0, 9), 0).unwrap();
+        let j = vec![("j".to_string(), u64::MAX - 1)];
+        assert_eq!(highest_tokens(&c, "acme", Some("j")).unwrap(), j);
+        assert_eq!(
+            highest_tokens(&c, "acme", None).unwrap(),
+            vec![("j".to_string(), u64::MAX - 1), ("other".to_string(), 1)]
+        );
+        assert_eq!(job_fence(&c, "acme", "j").unwrap(), None);
+        assert_eq!(
+            raise_job_fence(&c, "acme", "j", u64::MAX - 1, 10).unwrap(),
+            1
+        );
+        assert_eq!(job_fence(&c, "acme", "j").unwrap(), Some(u64::MAX - 1));
+        assert_eq!(job_fence(&c, "acme", "other").unwrap(), None);
+        assert_eq!(job_fence(&c, "acme/research", "j").unwrap(), None);
+        // A lower token later never lowers the mark; the time moves on.
+        raise_job_fence(&c, "acme", "j", 2, 30).unwrap();
+        raise_job_fence(&c, "acme", "other", 1, 30).unwrap();
+        raise_job_fence(&c, "acme", "other", 0, 20).unwrap();
+        assert_eq!(job_fence(&c, "acme", "j").unwrap(), Some(u64::MAX - 1));
+        assert_eq!(job_fence(&c, "acme", "other").unwrap(), Some(1));
+        let times: Vec<i64> = c
+            .prepare("SELECT recorded_at_ms FROM job_fences ORDER BY job_id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(times, vec![30, 30]);
+        assert_eq!(prune_job_fences(&c, 29, 10).unwrap(), 0);
+        assert_eq!(prune_job_fences(&c, 30, 1).unwrap(), 1);
+        assert_eq!(prune_job_fences(&c, 30, 10).unwrap(), 1);
+        assert_eq!(job_fence(&c, "acme", "j").unwrap(), None);
     }
 
     #[test]

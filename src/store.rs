@@ -89,6 +89,19 @@ struct Core {
 ///   version in atomically;
 /// - with fencing on (the default), a part cannot be opened or finalized
 ///   while a part in its slot carries a higher token;
+/// - deleting a job's outputs (`delete_job_outputs`, or
+///   `delete_tenant_outputs` for each of the tenant's jobs) records the
+///   highest token the job's parts carried, its *fence mark*, in the same
+///   transaction; with fencing on, a part of that job can then be opened or
+///   finalized only under a higher token (a later claim), so a worker that
+///   lost its lease cannot bring a deleted job back. A job that had no
+///   parts when it was deleted gets no mark (the store has seen none of its
+///   tokens). A delete works on a database at its size cap: writing its
+///   marks may take the file a few pages past the cap. Marks are kept
+///   whatever the fencing option, and dropped by
+///   [`reclaim_abandoned`](Self::reclaim_abandoned) once older than
+///   [`JOB_FENCE_MIN_AGE`](crate::maintenance::JOB_FENCE_MIN_AGE) (or the
+///   age it is given, if longer);
 /// - a reader returns the exact bytes written, or an error: never short or
 ///   mixed data;
 /// - memory per writer and reader is bounded by a few chunks;
@@ -239,6 +252,8 @@ impl SqliteOutputStore {
 
     /// Deletes parts with `delete` in one transaction; the space comes back
     /// in short steps once the writer is idle, after this call has returned.
+    /// `delete` records the deleted jobs' fence marks in that transaction
+    /// too, so a delete and its marks commit together or not at all.
     async fn delete_parts(
         &self,
         op: &'static str,
@@ -281,7 +296,10 @@ impl SqliteOutputStore {
     }
 }
 
-/// Refuses `key` when fencing is on and its slot holds a higher token.
+/// Refuses `key` when fencing is on and either its slot holds a higher
+/// token or its job's outputs were deleted when the job had reached a token
+/// at least as high as the key's (the job's fence mark, which outlives the
+/// delete).
 fn check_fence(
     fencing: bool,
     c: &Connection,
@@ -292,16 +310,79 @@ fn check_fence(
         return Ok(());
     }
     let max = sql::max_token_in_slot(c, key).map_err(|e| from_sqlite(op, e))?;
-    match max {
-        Some(t) if t > key.fencing_token => Err(StorageError::conflict(
+    if let Some(t) = max.filter(|t| *t > key.fencing_token) {
+        return Err(StorageError::conflict(
             op,
             format!(
                 "fenced out: a part in this slot carries token {t}, higher than {}",
                 key.fencing_token
             ),
+        ));
+    }
+    let mark =
+        sql::job_fence(c, &key.tenant_id, key.job_id.as_str()).map_err(|e| from_sqlite(op, e))?;
+    match mark {
+        Some(m) if m >= key.fencing_token => Err(StorageError::conflict(
+            op,
+            format!(
+                "fenced out: the job was deleted or reclaimed under a newer claim (its outputs \
+                 were deleted at token {m}, and token {} is not higher)",
+                key.fencing_token
+            ),
         )),
         _ => Ok(()),
     }
+}
+
+/// Deletes one tenant's job (or, with `job` `None`, all its jobs) with
+/// `delete`, and records the fence mark of every job that had parts: the
+/// highest token among them, read before the delete and written after it,
+/// into the pages the delete freed where it freed any. Returns what
+/// `delete` returned.
+///
+/// A delete must work on a database at its size cap (it is how space comes
+/// back), yet a delete that empties no whole page may still need a page or
+/// two for its marks. So while the marks are written, the cap (if one is
+/// set) is raised by [`mark_headroom`] pages, then set back: the file may
+/// end up that many pages past the cap, and the cap in force on the
+/// writer's connection grows with it until the store is reopened.
+fn delete_fenced(
+    tx: &Connection,
+    tenant: &str,
+    job: Option<&str>,
+    delete: impl FnOnce(&Connection) -> rusqlite::Result<usize>,
+) -> rusqlite::Result<usize> {
+    let marks = sql::highest_tokens(tx, tenant, job)?;
+    let deleted = delete(tx)?;
+    if marks.is_empty() {
+        return Ok(deleted);
+    }
+    let cap = sql::size_cap(tx)?;
+    let (page_size, _, _) = sql::pages(tx)?;
+    let headroom = mark_headroom(tenant, &marks, page_size);
+    let capped = cap.saturating_add(headroom) < sql::SQLITE_MAX_PAGES;
+    if capped {
+        sql::set_size_cap(tx, cap + headroom)?;
+    }
+    let now = now_ms();
+    let written = marks
+        .iter()
+        .try_for_each(|(job, token)| sql::raise_job_fence(tx, tenant, job, *token, now).map(drop));
+    if capped {
+        sql::set_size_cap(tx, cap)?;
+    }
+    written.map(|()| deleted)
+}
+
+/// Pages that writing `marks` may take at most: each mark's ids stored
+/// twice (its row and its key's index), with room for half-empty pages
+/// after splits, plus a few for splits up the trees.
+fn mark_headroom(tenant: &str, marks: &[(String, u64)], page_size: u64) -> u64 {
+    let bytes: u64 = marks
+        .iter()
+        .map(|(job, _)| 2 * (tenant.len() + job.len()) as u64 + 96)
+        .sum();
+    8 + 2 * bytes.div_ceil(page_size.max(512))
 }
 
 /// Begins a write transaction that takes the lock at once.
@@ -484,15 +565,19 @@ impl ExportOutputStore for SqliteOutputStore {
         check_id(op, "tenant id", &t)?;
         check_id(op, "job id", job_id.as_str())?;
         let j = job_id.as_str().to_string();
-        self.delete_parts(op, move |tx| sql::delete_job(tx, &t, &j))
-            .await
+        self.delete_parts(op, move |tx| {
+            delete_fenced(tx, &t, Some(&j), |tx| sql::delete_job(tx, &t, &j))
+        })
+        .await
     }
 
     async fn delete_tenant_outputs(&self, tenant_id: &str) -> StorageResult<()> {
         let op = "delete_tenant_outputs";
         check_id(op, "tenant id", tenant_id)?;
         let t = tenant_id.to_string();
-        self.delete_parts(op, move |tx| sql::delete_tenant(tx, &t))
-            .await
+        self.delete_parts(op, move |tx| {
+            delete_fenced(tx, &t, None, |tx| sql::delete_tenant(tx, &t))
+        })
+        .await
     }
 }

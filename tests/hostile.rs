@@ -374,11 +374,13 @@ async fn bad_calls_get_a_clear_error_and_publish_nothing() {
             ErrorKind::Conflict,
             "finalize_part",
             boxed(|s| async move {
-                let mut w = s.open_writer(&good()).await?;
+                // A job of its own: deleting a job fences its tokens out.
+                let zombie = key("acme", "job-fenced", "Patient", 0, 1);
+                let mut w = s.open_writer(&zombie).await?;
                 w.write_line("{}").await.map_err(io)?;
-                write_part(&s, &key("acme", "job-1", "Patient", 0, 2)).await?;
-                let r = s.finalize_part(&good(), w).await.map(drop);
-                s.delete_job_outputs(&tenant("acme"), &ExportJobId::from("job-1"))
+                write_part(&s, &key("acme", "job-fenced", "Patient", 0, 2)).await?;
+                let r = s.finalize_part(&zombie, w).await.map(drop);
+                s.delete_job_outputs(&tenant("acme"), &ExportJobId::from("job-fenced"))
                     .await?;
                 r
             }),
@@ -401,7 +403,8 @@ async fn bad_calls_get_a_clear_error_and_publish_nothing() {
             ErrorKind::NotFound,
             "finalize_part",
             boxed(|s| async move {
-                let k = good();
+                // A job of its own: deleting a job fences its tokens out.
+                let k = key("acme", "job-deleted", "Patient", 0, 1);
                 let mut w = s.open_writer(&k).await?;
                 w.write_line("{}").await.map_err(io)?;
                 s.delete_job_outputs(&tenant("acme"), &k.job_id).await?;

@@ -9,6 +9,11 @@
 //! - once the live worker's finalize of a slot returned `Ok`, the slot never
 //!   serves the zombie's data again (`latest_in_slot` and downloads), and a
 //!   zombie finalize of that slot is refused as a conflict;
+//! - a delete fences the job out for the claims it had seen (the job's fence
+//!   mark): a zombie part never outlives the delete of its job, and no
+//!   zombie writes into a job after its delete, so nothing comes back to
+//!   life (each delete waits until its jobs have staged something, so that
+//!   the store has seen a token of theirs to remember);
 //! - parts a completed delete covered are gone; nothing is left staged, no
 //!   chunk is orphaned, and `verify` finds nothing wrong.
 
@@ -65,9 +70,12 @@ struct Log {
     live_done: HashMap<Slot, u64>,
     /// Deletes (tenant, job) and purges (tenant, "") with start and end.
     deletes: HashMap<(String, String), (u64, Option<u64>)>,
+    /// Jobs (tenant, job) with when an `open_writer` of theirs first
+    /// returned `Ok`.
+    opened: HashMap<(String, String), u64>,
     zombie_refused: u64,
     zombie_published: u64,
-    zombie_after_delete: u64,
+    zombie_fenced_by_delete: u64,
     reads: u64,
 }
 
@@ -96,9 +104,18 @@ impl World {
     }
 }
 
-async fn write(world: &World, k: &ExportPartKey) -> Result<(), StorageError> {
+/// Writes and finalizes `k`; returns when it began.
+async fn write(world: &World, k: &ExportPartKey) -> Result<u64, StorageError> {
     let start = world.tick();
     let mut w = world.store.open_writer(k).await?;
+    let opened = world.tick();
+    world
+        .log
+        .lock()
+        .unwrap()
+        .opened
+        .entry((k.tenant_id.clone(), k.job_id.as_str().to_string()))
+        .or_insert(opened);
     for (i, l) in lines(k).iter().enumerate() {
         w.write_line(l)
             .await
@@ -114,7 +131,7 @@ async fn write(world: &World, k: &ExportPartKey) -> Result<(), StorageError> {
     if k.fencing_token == LIVE {
         log.live_done.insert(slot_of(k), end);
     }
-    Ok(())
+    Ok(start)
 }
 
 async fn worker(world: Arc<World>, tenant: &'static str, job: u32, token: u64, seed: u64) {
@@ -134,29 +151,43 @@ async fn worker(world: Arc<World>, tenant: &'static str, job: u32, token: u64, s
             .get(&slot_of(&k))
             .copied();
         match write(&world, &k).await {
-            Ok(()) if token == ZOMBIE => {
-                // A delete forgets the job's tokens: a zombie that opens a
-                // part after it is not fenced out (the job no longer exists
-                // for HFS, so nothing serves it; the part is an orphan).
-                let deleted = world.cover(&k).is_some();
+            Ok(began) if token == ZOMBIE => {
+                // Deletes included: once the live worker finished the slot,
+                // the job's fence mark (a delete after that finalize) or the
+                // slot's own token (a live part written after a delete)
+                // keeps the zombie out.
                 assert!(
-                    before.is_none() || deleted,
+                    before.is_none(),
                     "a zombie finalized {} after the live worker did",
                     k.display()
                 );
+                // A delete that had ended before the zombie began fenced it
+                // out of the whole job.
+                if let Some((_, Some(end))) = world.cover(&k) {
+                    assert!(
+                        began < end,
+                        "a zombie brought {} back after its job was deleted",
+                        k.display()
+                    );
+                }
+                world.log.lock().unwrap().zombie_published += 1;
+            }
+            Ok(_) => {}
+            Err(e) if token == ZOMBIE && (e.is_conflict() || e.is_not_found()) => {
+                let fenced_by_delete = e.is_conflict()
+                    && e.to_string()
+                        .contains("deleted or reclaimed under a newer claim");
                 let mut log = world.log.lock().unwrap();
-                log.zombie_published += 1;
-                if deleted {
-                    log.zombie_after_delete += 1;
+                log.zombie_refused += 1;
+                if fenced_by_delete {
+                    log.zombie_fenced_by_delete += 1;
                 }
             }
-            Ok(()) => {}
-            Err(e) if token == ZOMBIE && (e.is_conflict() || e.is_not_found()) => {
-                world.log.lock().unwrap().zombie_refused += 1;
-            }
             Err(e) => {
+                // A delete may also end the live claim: the job's fence mark
+                // is the highest token the job had, often the live one.
                 assert!(
-                    e.is_not_found() && world.cover(&k).is_some(),
+                    (e.is_not_found() || e.is_conflict()) && world.cover(&k).is_some(),
                     "the live worker failed on {} without a delete: {e}",
                     k.display()
                 );
@@ -216,6 +247,27 @@ async fn reader(world: Arc<World>, seed: u64) {
 
 async fn delete(world: &World, tenant: &str, job: Option<u32>) {
     let id = (tenant.to_string(), job.map(job_name).unwrap_or_default());
+    // The store can only fence a job out under a token it has seen: wait
+    // until every job the delete covers has staged something.
+    let covered: Vec<String> = match job {
+        Some(j) => vec![job_name(j)],
+        None => (0..JOBS).map(job_name).collect(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !covered.iter().all(|j| {
+        world
+            .log
+            .lock()
+            .unwrap()
+            .opened
+            .contains_key(&(tenant.to_string(), j.clone()))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no writer of {tenant} ever opened a part"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let start = world.tick();
     world
         .log
@@ -313,6 +365,19 @@ async fn zombies_live_workers_readers_and_deletes_race_and_nothing_wrong_is_ever
             .map(|(_, d)| *d)
             .min();
         let r = read_part(&store, k).await;
+        if k.fencing_token == ZOMBIE && cover.is_some() {
+            // Whatever the timing, a zombie part never outlives the delete
+            // of its job: finished before it, it went with the job; staged
+            // across it, its finalize failed; opened after it, it was
+            // fenced out.
+            assert!(
+                r.unwrap_err().is_not_found(),
+                "a zombie part {} outlived the delete of its job",
+                k.display()
+            );
+            gone += 1;
+            continue;
+        }
         match cover {
             Some((start, Some(_))) if *returned < start => {
                 assert!(
@@ -376,15 +441,26 @@ async fn zombies_live_workers_readers_and_deletes_race_and_nothing_wrong_is_ever
     let report = store.verify().await.unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(faultkit::integrity_check(store.path()), "ok");
+    // No zombie part is left in a deleted job, staged or finished.
+    for (k, _) in faultkit::part_rows(store.path()) {
+        let deleted = log.deletes.keys().any(|(dt, dj)| {
+            dt == &k.tenant_id && (dj.is_empty() || dj.as_str() == k.job_id.as_str())
+        });
+        assert!(
+            !(deleted && k.fencing_token == ZOMBIE),
+            "an orphan of a zombie survived the delete of its job: {}",
+            k.display()
+        );
+    }
     println!(
-        "stress: {} parts finalized ({} by zombies before the live worker or after a delete, {} \
-         of them into a deleted job; {} zombie attempts refused), {present} read back exactly, \
+        "stress: {} parts finalized ({} by zombies before the live worker; {} zombie attempts \
+         refused, {} of them by a deleted job's fence mark), {present} read back exactly, \
          {gone} removed by deletes, {} reads during the race, {pruned} superseded parts pruned, \
          {} parts verified",
         log.finalized.len(),
         log.zombie_published,
-        log.zombie_after_delete,
         log.zombie_refused,
+        log.zombie_fenced_by_delete,
         log.reads,
         report.parts_checked
     );
