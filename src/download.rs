@@ -5,7 +5,8 @@
 //! Every chunk is fetched by one short query on the blocking pool, with a
 //! pooled connection taken and returned inside it, so a slow client holds no
 //! connection; fetches of all downloads share a semaphore sized to the read
-//! pool, and each download keeps at most `read_ahead` chunks ahead of its
+//! pool, and each download keeps at most `read_ahead` (but no more than
+//! [`DOWNLOAD_READ_AHEAD`](crate::options::DOWNLOAD_READ_AHEAD)) chunks ahead of its
 //! consumer, so memory is bounded by a few chunks per download whatever the
 //! part's size. A stream ends in an error, never early and never with mixed
 //! data, when the part is deleted or replaced under it or a check fails: a
@@ -52,7 +53,7 @@ impl Reads {
         Reads {
             pool: store.db().pool(),
             permits: Arc::new(Semaphore::new(o.pool_size as usize)),
-            read_ahead: o.read_ahead,
+            read_ahead: o.read_ahead.min(crate::options::DOWNLOAD_READ_AHEAD),
         }
     }
 

@@ -66,7 +66,7 @@ pub use contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPa
 pub use digest::{ContentDigest, DigestAlgorithm};
 pub use error::{ErrorKind, StorageError, StorageResult};
 pub use key::{ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_ID_BYTES};
-pub use options::{StoreOptions, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE};
+pub use options::{StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE};
 pub use store::{PartInfo, SqliteOutputStore};
 
 // The README's examples compile and run as doctests.

@@ -13,6 +13,10 @@ pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
 /// times over while it is compressed and stored).
 pub const MAX_CHUNK_SIZE: usize = 64 << 20;
 
+/// Chunks one download keeps ahead of its client at most, whatever
+/// [`StoreOptions::with_read_ahead`] says.
+pub const DOWNLOAD_READ_AHEAD: usize = 2;
+
 /// Options for opening a store. Build with [`StoreOptions::default`] and the
 /// `with_*` methods; [`SqliteOutputStore::open_with`](crate::SqliteOutputStore::open_with)
 /// checks them and answers invalid input for values it cannot honour.
@@ -42,7 +46,7 @@ impl Default for StoreOptions {
             busy_timeout: Duration::from_secs(5),
             staging_retry: Duration::from_secs(60),
             in_flight_chunks: 2,
-            read_ahead: 2,
+            read_ahead: 4,
             signing_key: None,
             max_database_size: None,
         }
@@ -118,8 +122,14 @@ impl StoreOptions {
         self.in_flight_chunks = n;
         self
     }
-    /// Chunks a reader fetches and decompresses ahead of the consumer.
-    /// Default 2; 1 to 16.
+    /// Chunks a reader fetches, decompresses and hashes ahead of the
+    /// consumer (each holds one decoded chunk in memory). Default 4: with
+    /// 2, one slow chunk left a core idle (`export-store bench --groups
+    /// read --read-ahead N`: 0.55-0.63x of one-thread decompression at 2,
+    /// 0.73-0.74x at 4, on the Synthea part). A download served by the
+    /// `server` feature keeps at most [`DOWNLOAD_READ_AHEAD`] of them,
+    /// since many run at once and a network is slower than this.
+    /// 1 to 16.
     pub fn with_read_ahead(mut self, n: usize) -> Self {
         self.read_ahead = n;
         self
