@@ -88,16 +88,20 @@ fn contexts() -> std::sync::MutexGuard<'static, Contexts> {
 }
 
 /// One core's turn at compressing, given back on drop (even on a panic).
-struct Turn;
+/// Work that goes with a chunk's compression (hashing it) is best done in
+/// the same turn: with one thread per core at work, many writers at once
+/// do not pile up runnable threads that preempt each other.
+pub(crate) struct Turn(());
 
 impl Turn {
-    fn wait() -> Turn {
+    /// Waits until fewer turns than cores are taken, and takes one.
+    pub(crate) fn wait() -> Turn {
         let mut c = contexts();
         while c.busy >= cores() {
             c = CONTEXT_FREED.wait(c).unwrap_or_else(|p| p.into_inner());
         }
         c.busy += 1;
-        Turn
+        Turn(())
     }
 }
 
@@ -111,10 +115,14 @@ impl Drop for Turn {
 /// Compresses `raw` as one zstd frame at `level`, with content size and
 /// content checksum. Waits while every core is already compressing.
 pub fn compress(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
+    compress_in_turn(&Turn::wait(), raw, level)
+}
+
+/// [`compress`] in a turn the caller already holds.
+pub(crate) fn compress_in_turn(_turn: &Turn, raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
     let fail = |e: std::io::Error| {
         StorageError::internal("compress", "zstd compression failed").with_source(e)
     };
-    let _turn = Turn::wait();
     let reused = {
         let mut c = contexts();
         let at = c.idle.iter().position(|(l, _, _)| *l == level);

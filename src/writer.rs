@@ -253,14 +253,18 @@ impl PartSink {
         let hash = self.hash_in_tasks;
         let task = self.runtime.spawn_blocking(move || {
             let (part_id, seq, raw_offset) = args;
-            // Hashed here, on the core that compresses it, while it is in
-            // the cache; the writer only combines the results in order.
+            // Hashed here, in the same turn of a core as its compression,
+            // while it is in the cache; the writer only combines the
+            // results in order.
+            let turn = codec::Turn::wait();
             let hash = if hash {
                 digest::hash_chunk(DigestAlgorithm::CURRENT, raw_offset, &raw)
             } else {
                 ChunkHash::default()
             };
-            let queued = codec::compress(&raw, level).and_then(|frame| {
+            let compressed = codec::compress_in_turn(&turn, &raw, level);
+            drop(turn);
+            let queued = compressed.and_then(|frame| {
                 let n = frame.len() as u64;
                 db.queue_chunk_blocking(ChunkInsertArgs {
                     part_id,
