@@ -562,6 +562,14 @@ fn try_insert_batch(
             )),
         });
     }
+    // The staged parts that received chunks are active now: reclaiming
+    // abandoned staging (possibly from another process) ages parts by this.
+    let now = crate::store::now_ms();
+    for (id, state) in &states {
+        if *state == Some(false) {
+            sql::touch_staged(&tx, *id, now)?;
+        }
+    }
     failpoint::hit("writer.batch.before_commit");
     tx.commit()?;
     failpoint::hit("writer.batch.after_commit");

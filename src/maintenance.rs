@@ -165,13 +165,16 @@ impl SpaceStats {
 }
 
 impl SqliteOutputStore {
-    /// Deletes staged parts whose writer is gone: those opened more than
-    /// `older_than` ago, except the ones this store's own live writers are
+    /// Deletes staged parts whose writer is gone: those that received no
+    /// chunk for more than `older_than` (or, with no chunk yet, were opened
+    /// that long ago), except the ones this store's own live writers are
     /// still writing. Returns how many were deleted, with their chunks.
     ///
     /// The store cannot see writers of other processes, so `older_than` must
-    /// exceed the longest time a writer may stay open (HFS writes a part of
-    /// 1,000 resources in seconds; `export-store gc` defaults to one hour).
+    /// exceed the longest time a writer may stay idle between two chunks
+    /// (HFS writes a part of 1,000 resources in seconds; `export-store gc`
+    /// defaults to one hour). A writer that keeps sending chunks is never
+    /// taken for abandoned, however long its part takes.
     /// A writer whose staging was reclaimed anyway fails on its next chunk
     /// or at finalize with a not-found error; nothing half-written is ever
     /// published. Works in batches of short transactions.

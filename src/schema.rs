@@ -28,6 +28,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_job_fences",
         include_str!("../migrations/0003_job_fences.sql"),
     ),
+    (
+        "0004_staging_activity",
+        include_str!("../migrations/0004_staging_activity.sql"),
+    ),
 ];
 
 /// The schema version this build writes.

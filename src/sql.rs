@@ -423,7 +423,15 @@ pub fn chunk_span(
         .optional()
 }
 
-/// Up to `limit` staged (unfinished) parts created at or before `cutoff_ms`,
+/// Records that staged part `id` received chunks at `now_ms` (a finished
+/// part is left alone). Returns rows changed.
+pub fn touch_staged(conn: &Connection, id: i64, now_ms: i64) -> rusqlite::Result<usize> {
+    conn.prepare_cached("UPDATE parts SET touched_at_ms = ?2 WHERE id = ?1 AND finalized = 0")?
+        .execute(params![id, now_ms])
+}
+
+/// Up to `limit` staged (unfinished) parts last active at or before
+/// `cutoff_ms` (their latest chunks, or their creation if they have none),
 /// with ids above `after_id`, in id order.
 pub fn staged_before(
     conn: &Connection,
@@ -432,7 +440,8 @@ pub fn staged_before(
     limit: u32,
 ) -> rusqlite::Result<Vec<i64>> {
     conn.prepare_cached(
-        "SELECT id FROM parts WHERE finalized = 0 AND created_at_ms <= ?1 AND id > ?2
+        "SELECT id FROM parts
+         WHERE finalized = 0 AND coalesce(touched_at_ms, created_at_ms) <= ?1 AND id > ?2
          ORDER BY id LIMIT ?3",
     )?
     .query_map(params![cutoff_ms, after_id, limit], |r| r.get(0))?

@@ -569,3 +569,46 @@ fn noise(n: usize) -> Vec<u8> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_ages_by_its_writers_last_chunk_not_by_when_it_was_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("activity.db");
+    // Two stores on one file: HFS's, and `export-store gc` in another
+    // process, which cannot see HFS's live writers.
+    let hfs = SqliteOutputStore::open_with(&db, BASE, options()).unwrap();
+    let gc = SqliteOutputStore::open_with(&db, BASE, options()).unwrap();
+    let line = |i: usize| {
+        format!(
+            r#"{{"resourceType":"Patient","id":"p{i}","text":"{}"}}"#,
+            "x".repeat(3000)
+        )
+    };
+    let busy = key("acme", "long-part", "Patient", 0, 1);
+    let idle = key("acme", "stalled", "Patient", 0, 1);
+    let mut stalled = hfs.open_writer(&idle).await.unwrap();
+    stalled.write_line(&line(0)).await.unwrap();
+    stalled.flush().await.unwrap();
+    let mut writer = hfs.open_writer(&busy).await.unwrap();
+    let mut want = String::new();
+    // Opened a second ago, but a chunk has reached the file every 200 ms.
+    for i in 0..6 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        writer.write_line(&line(i)).await.unwrap();
+        writer.flush().await.unwrap();
+        want.push_str(&line(i));
+        want.push('\n');
+    }
+    let reclaimed = gc
+        .reclaim_abandoned(Duration::from_millis(600))
+        .await
+        .unwrap();
+    assert_eq!(reclaimed, 1, "only the stalled writer's staging goes");
+    hfs.finalize_part(&busy, writer).await.unwrap();
+    assert!(read_part(&gc, &busy).await.unwrap() == want.as_bytes());
+    let e = hfs.finalize_part(&idle, stalled).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert!(gc.verify().await.unwrap().is_ok());
+}

@@ -23,9 +23,10 @@ const PROBLEMS_FOUND: u8 = 3;
 /// Arguments of `export-store gc`.
 #[derive(clap::Args)]
 pub struct GcArgs {
-    /// Delete staged parts opened longer ago than this: a number with a unit
+    /// Delete staged parts that received no chunk for longer than this (or
+    /// were opened that long ago, with no chunk yet): a number with a unit
     /// (`ms`, `s`, `m`, `h`, `d`), e.g. `90s`, `30m`, `1h`, `1h30m`. It must
-    /// exceed the longest time a writer of any process stays open.
+    /// exceed the longest pause of a writer of any process between chunks.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     older_than: Duration,
     /// The store's database file.
