@@ -66,6 +66,7 @@ pub async fn run_all(store: &dyn ExportOutputStore, p: &Params) {
     run!(dropped_writer_leaves_nothing);
     if p.fencing {
         run!(fencing_refuses_lower_tokens);
+        run!(deleted_jobs_stay_deleted);
     }
     run!(refinalize_swaps_atomically, p.chunk_size);
     run!(deletes_are_scoped_and_idempotent);
@@ -398,6 +399,54 @@ pub async fn fencing_refuses_lower_tokens(store: &dyn ExportOutputStore) {
         .expect("reclaim");
 }
 
+/// Deleting a job fences out the tokens it had reached (CONTRACT: "nothing
+/// comes back to life"): a worker of the deleted claim cannot finalize the
+/// part it was writing, nor open a new part of the job, while a later
+/// claim (a higher token) writes the job again from part 0.
+pub async fn deleted_jobs_stay_deleted(store: &dyn ExportOutputStore) {
+    let t = tenant("gone");
+    let job = ExportJobId::new();
+    let k = |idx: u32, token: u64| ExportPartKey::output(&t, job.clone(), "Patient", idx, token);
+    put_lines(store, &k(0, 1), b"{\"first\":1}\n")
+        .await
+        .expect("first claim's part");
+    let mut zombie = store.open_writer(&k(1, 1)).await.expect("zombie opens");
+    zombie
+        .write_line("{\"zombie\":1}")
+        .await
+        .expect("zombie writes");
+    store
+        .delete_job_outputs(&ctx(&t), &job)
+        .await
+        .expect("delete the job");
+    let e = store
+        .finalize_part(&k(1, 1), zombie)
+        .await
+        .expect_err("a writer of the deleted job must not publish");
+    assert!(
+        e.is_not_found() || e.is_conflict(),
+        "zombie finalize after delete: {e}"
+    );
+    let e = store
+        .open_writer(&k(2, 1))
+        .await
+        .expect_err("the deleted claim must not open a new part");
+    assert!(e.is_conflict(), "zombie open after delete: {e}");
+    for idx in 0..3 {
+        assert_missing(store, &k(idx, 1), "a part of the deleted claim").await;
+    }
+    put_lines(store, &k(0, 2), b"{\"second\":1}\n")
+        .await
+        .expect("a later claim writes the job again");
+    assert_reads(
+        store,
+        &k(0, 2),
+        b"{\"second\":1}\n",
+        "the later claim's part",
+    )
+    .await;
+}
+
 /// Finalizing a key again replaces the part atomically: readers see the old
 /// version until the new one is finalized, then only the new one; a read
 /// that straddles the swap returns the old version whole or fails.
@@ -688,6 +737,8 @@ struct MemState {
     finished: HashMap<ExportPartKey, Finished>,
     /// Live sinks by address, as the SQLite store identifies them.
     sinks: HashMap<usize, (ExportPartKey, Arc<Mutex<Staging>>)>,
+    /// The highest token of each deleted (tenant, job).
+    fences: HashMap<(String, String), u64>,
 }
 
 /// A deliberately simple in-memory `ExportOutputStore`: the reference the
@@ -717,11 +768,30 @@ impl MemoryOutputStore {
                 && k.part_index == key.part_index
                 && k.fencing_token > key.fencing_token
         };
-        st.staged.keys().any(same_slot) || st.finished.keys().any(same_slot)
+        let deleted_claim = st
+            .fences
+            .get(&(key.tenant_id.clone(), key.job_id.as_str().to_string()))
+            .is_some_and(|mark| *mark >= key.fencing_token);
+        deleted_claim || st.staged.keys().any(same_slot) || st.finished.keys().any(same_slot)
     }
 
+    /// Removes the parts `f` picks and raises the fence mark of their jobs.
     fn remove_where(&self, f: impl Fn(&ExportPartKey) -> bool) {
         let mut st = self.state();
+        let picked: Vec<ExportPartKey> = st
+            .staged
+            .keys()
+            .chain(st.finished.keys())
+            .filter(|k| f(k))
+            .cloned()
+            .collect();
+        for k in picked {
+            let mark = st
+                .fences
+                .entry((k.tenant_id.clone(), k.job_id.as_str().to_string()))
+                .or_insert(0);
+            *mark = (*mark).max(k.fencing_token);
+        }
         st.staged.retain(|k, s| {
             let drop = f(k);
             if drop {
