@@ -7,7 +7,7 @@
 //! chunk of a part but the last holds the same power-of-two number of bytes
 //! (at least 1 KiB) and starts at a multiple of it, so each is a complete
 //! BLAKE3 subtree: its chaining value is computed beside its zstd frame,
-//! while the data is in the cache, and [`PartHasher`] merges the values as
+//! while the data is in the cache, and the part's hasher merges the values as
 //! BLAKE3's own incremental hasher would. Nothing then hashes the part on
 //! the producer's or the consumer's thread. (Measured on this crate's
 //! development machine: SHA-256 with the CPU's SHA extensions runs at about

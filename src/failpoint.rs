@@ -2,7 +2,7 @@
 //! process die, to prove what survives a crash.
 //!
 //! They exist only with the `failpoints` feature (the crate's own tests turn
-//! it on); without it [`hit`] is an empty inline function and nothing reads
+//! it on); without it `hit` is an empty inline function and nothing reads
 //! the environment. With it, the variable `EXPORT_STORE_FAILPOINT` is read
 //! once, at the first point reached:
 //!
