@@ -58,11 +58,12 @@ pub(crate) fn recycle_buffer(mut buf: Vec<u8>) {
 type Compressor = zstd::bulk::Compressor<'static>;
 
 /// Compression contexts, shared by every thread: creating one costs more
-/// than compressing a small chunk, and each holds about a MiB. At most one
-/// compression per core runs at a time, so at most that many contexts
-/// exist, however many writers and blocking threads there are (measured: 16
-/// parts written at once peaked at 93 MiB of RSS instead of 143 to 166 MiB
-/// with a context per thread, at the same throughput).
+/// than compressing a small chunk, and each holds about a MiB. Chunks are
+/// compressed by the compression workers (one per core) and [`compress`]
+/// callers take turns (one per core), so few contexts exist however many
+/// writers there are (measured: 16 parts written at once peaked at 93 MiB
+/// of RSS instead of 143 to 166 MiB with a context per thread, at the same
+/// throughput).
 struct Contexts {
     /// Idle contexts by level, each with room for one frame: a frame is
     /// compressed there, then copied out at its exact size (zstd's own
@@ -88,14 +89,11 @@ fn contexts() -> std::sync::MutexGuard<'static, Contexts> {
 }
 
 /// One core's turn at compressing, given back on drop (even on a panic).
-/// Work that goes with a chunk's compression (hashing it) is best done in
-/// the same turn: with one thread per core at work, many writers at once
-/// do not pile up runnable threads that preempt each other.
-pub(crate) struct Turn(());
+struct Turn(());
 
 impl Turn {
     /// Waits until fewer turns than cores are taken, and takes one.
-    pub(crate) fn wait() -> Turn {
+    fn wait() -> Turn {
         let mut c = contexts();
         while c.busy >= cores() {
             c = CONTEXT_FREED.wait(c).unwrap_or_else(|p| p.into_inner());
@@ -115,11 +113,13 @@ impl Drop for Turn {
 /// Compresses `raw` as one zstd frame at `level`, with content size and
 /// content checksum. Waits while every core is already compressing.
 pub fn compress(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
-    compress_in_turn(&Turn::wait(), raw, level)
+    let _turn = Turn::wait();
+    compress_now(raw, level)
 }
 
-/// [`compress`] in a turn the caller already holds.
-pub(crate) fn compress_in_turn(_turn: &Turn, raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
+/// [`compress`] without waiting for a turn: for the compression workers,
+/// which are themselves one per core.
+pub(crate) fn compress_now(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
     let fail = |e: std::io::Error| {
         StorageError::internal("compress", "zstd compression failed").with_source(e)
     };

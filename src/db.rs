@@ -255,13 +255,19 @@ impl Db {
         done.await.map_err(|_| writer_gone(op))?
     }
 
-    /// Queues one chunk for the writer thread, blocking the calling
-    /// (blocking-pool) thread only while the queue is full, and returns
-    /// where the outcome of storing it will arrive: the caller goes on
-    /// compressing while SQLite stores (and checkpoints).
-    pub fn queue_chunk_blocking(
+    /// Queues one chunk for the writer thread without ever blocking the
+    /// caller (a compression worker shared by every store of the process),
+    /// and returns where the outcome of storing it will arrive: the caller
+    /// goes on compressing while SQLite stores (and checkpoints). When the
+    /// queue is full (this store's writer thread is slow: a checkpoint, a
+    /// database locked by another process), the chunk waits for room on
+    /// `runtime`'s blocking pool instead, so one slow store never holds the
+    /// workers that other stores' chunks need. Its outcome arrives the same
+    /// way; if the writer thread is gone meanwhile, the receiver closes.
+    pub fn queue_chunk(
         &self,
         insert: ChunkInsertArgs,
+        runtime: &tokio::runtime::Handle,
     ) -> StorageResult<oneshot::Receiver<StorageResult<()>>> {
         let op = "write_chunk";
         let (ack, done) = oneshot::channel();
@@ -273,10 +279,20 @@ impl Db {
             frame: insert.frame,
             ack,
         });
-        self.sender(op)?
-            .blocking_send(cmd)
-            .map_err(|_| writer_gone(op))?;
-        Ok(done)
+        let queue = self.sender(op)?;
+        match queue.try_send(cmd) {
+            Ok(()) => Ok(done),
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                let queue = queue.clone();
+                runtime.spawn_blocking(move || {
+                    // A closed queue drops the chunk and its ack: the writer
+                    // sees the writer thread gone.
+                    let _ = queue.blocking_send(cmd);
+                });
+                Ok(done)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(writer_gone(op)),
+        }
     }
 
     /// Asks the writer thread to discard a staged part soon, without

@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+mod compressor;
 mod contract;
 mod db;
 pub mod digest;

@@ -2,10 +2,11 @@
 //! compressed chunk rows.
 //!
 //! Bytes are buffered up to the chunk size; each full chunk is hashed (its
-//! share of the part's BLAKE3 digest, see [`crate::digest`]) and compressed
-//! on Tokio's blocking pool and queued for the writer thread, while the
-//! producer goes on filling the next one: the producer's own thread only
-//! copies bytes. At most `in_flight_chunks` chunks per writer
+//! share of the part's BLAKE3 digest, see [`crate::digest`]), compressed
+//! by a compression worker (one per core, see [`crate::compressor`]) and
+//! queued for the writer thread, while the producer goes on filling the
+//! next one: the producer's own thread only copies bytes. At most
+//! `in_flight_chunks` chunks per writer
 //! are being compressed, and at most [`MAX_QUEUED`] compressed chunks wait to
 //! be stored: beyond that `poll_write` returns `Pending` (backpressure), so
 //! memory stays bounded by a few chunks whatever the part's size. Queued
@@ -33,9 +34,9 @@ use std::task::{ready, Context, Poll};
 use tokio::io::AsyncWrite;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::codec;
+use crate::compressor;
 use crate::db::{ChunkInsertArgs, Db};
 use crate::digest::{self, ChunkHash, DigestAlgorithm, PartHasher};
 use crate::error::{ErrorKind, StorageError, StorageResult};
@@ -134,8 +135,8 @@ pub(crate) fn check_opened_for(
 
 /// A chunk being compressed (and hashed); it gives back where the outcome
 /// of storing it will arrive, the raw buffer for reuse, and the chunk's
-/// share of the part's digest.
-type ChunkTask = JoinHandle<(StorageResult<Queued>, Vec<u8>, ChunkHash)>;
+/// share of the part's digest. Closed without a value if the job panicked.
+type ChunkTask = oneshot::Receiver<(StorageResult<Queued>, Vec<u8>, ChunkHash)>;
 
 /// A compressed chunk queued for the writer thread: its frame's size and
 /// where the outcome of storing it will arrive.
@@ -251,32 +252,35 @@ impl PartSink {
         let db = self.db.clone();
         let level = self.cfg.level;
         let hash = self.hash_in_tasks;
-        let task = self.runtime.spawn_blocking(move || {
+        let runtime = self.runtime.clone();
+        let (done, task) = oneshot::channel();
+        let job = move || {
             let (part_id, seq, raw_offset) = args;
-            // Hashed here, in the same turn of a core as its compression,
-            // while it is in the cache; the writer only combines the
-            // results in order.
-            let turn = codec::Turn::wait();
+            // Hashed here, by the worker that compresses it, while it is in
+            // the cache; the writer only combines the results in order.
             let hash = if hash {
                 digest::hash_chunk(DigestAlgorithm::CURRENT, raw_offset, &raw)
             } else {
                 ChunkHash::default()
             };
-            let compressed = codec::compress_in_turn(&turn, &raw, level);
-            drop(turn);
+            let compressed = codec::compress_now(&raw, level);
             let queued = compressed.and_then(|frame| {
                 let n = frame.len() as u64;
-                db.queue_chunk_blocking(ChunkInsertArgs {
-                    part_id,
-                    seq,
-                    raw_offset,
-                    raw_len: raw.len() as u64,
-                    frame,
-                })
+                db.queue_chunk(
+                    ChunkInsertArgs {
+                        part_id,
+                        seq,
+                        raw_offset,
+                        raw_len: raw.len() as u64,
+                        frame,
+                    },
+                    &runtime,
+                )
                 .map(|ack| (n, ack))
             });
-            (queued, raw, hash)
-        });
+            let _ = done.send((queued, raw, hash));
+        };
+        compressor::submit(Box::new(job), &self.runtime);
         self.in_flight.push_back(task);
     }
 

@@ -192,6 +192,57 @@ async fn staging_rides_out_a_lock_held_by_another_process() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_held_up_by_a_lock_does_not_hold_up_another_store() {
+    // Compression workers are shared by every store of the process. One
+    // store whose file another process keeps locked stops taking chunks;
+    // its writers' chunks must wait without holding the workers.
+    let dir = tempfile::tempdir().unwrap();
+    let locked_db = dir.path().join("locked.db");
+    let free_db = dir.path().join("free.db");
+    let locked = busy_store(&locked_db, Duration::from_secs(20));
+    let free = busy_store(&free_db, Duration::from_secs(20));
+    // Enough writers that their chunks overflow the locked store's queue,
+    // opened before the lock is taken.
+    let mut writers = Vec::new();
+    for i in 0..8 {
+        let k = key("acme", "stuck", "Encounter", i, 1);
+        writers.push((locked.open_writer(&k).await.unwrap(), k));
+    }
+    let hold = Duration::from_millis(2500);
+    let holder = hold_write_lock(&locked_db, hold);
+    let started = Instant::now();
+    let mut stuck = Vec::new();
+    for (mut w, k) in writers {
+        let s = locked.clone();
+        stuck.push(tokio::spawn(async move {
+            for _ in 0..3 {
+                for l in lines(&k) {
+                    w.write_line(&l).await.unwrap();
+                }
+            }
+            s.finalize_part(&k, w).await.unwrap();
+            k
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let k = key("acme", "free", "Encounter", 0, 1);
+    write_part(&free, &k).await.unwrap();
+    let free_done = started.elapsed();
+    assert!(
+        free_done < hold - Duration::from_millis(500),
+        "the free store finished at {free_done:?}, with the other store's lock held for {hold:?}"
+    );
+    assert!(read_part(&free, &k).await.unwrap() == content(&k));
+    for t in stuck {
+        let k = t.await.unwrap();
+        let want = content(&k).repeat(3);
+        assert!(read_part(&locked, &k).await.unwrap() == want);
+    }
+    holder.join().unwrap();
+    assert!(started.elapsed() >= hold - Duration::from_millis(100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_held_past_every_retry_fails_finalize_as_unavailable_and_a_retry_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("busy.db");
