@@ -1,9 +1,10 @@
 //! The part reader: an `AsyncRead` of plain NDJSON over a finished part.
 //!
 //! Chunks are fetched one short query at a time (a pooled connection is
-//! taken and returned inside each blocking task), decompressed and hashed
-//! (their share of the part's digest, see [`crate::digest`]) on the
-//! blocking pool, `read_ahead` chunks ahead of the consumer. Each chunk's
+//! taken and returned inside each job), decompressed and hashed (their
+//! share of the part's digest, see [`crate::digest`]) by the chunk workers
+//! (one per core, see [`crate::compressor`]), `read_ahead` chunks ahead of
+//! the consumer. Each chunk's
 //! frame checksum, length and offset are checked as it arrives; the part's
 //! length and digest are checked when the last chunk arrives, *before* any
 //! of its bytes are handed out. So a damaged part, or one deleted or
@@ -17,15 +18,17 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::Connection;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 
 use crate::codec;
+use crate::compressor;
 use crate::db::read_blocking;
 use crate::digest::{hash_chunk, ChunkHash, PartHasher};
 use crate::error::{from_sqlite, StorageError, StorageResult};
-use crate::sql::{self, PartRow};
+use crate::sql::{self, ChunkRow, PartRow};
 
 type Pool = r2d2::Pool<SqliteConnectionManager>;
 
@@ -46,26 +49,34 @@ fn fetch_chunk_into(
     pool: &Pool,
     part_id: i64,
     seq: u64,
-    mut buf: Vec<u8>,
+    buf: Vec<u8>,
 ) -> StorageResult<(u64, Vec<u8>)> {
+    let row = read_blocking(pool, "read", |c| fetch_row(c, part_id, seq))?;
+    decode(row, buf)
+}
+
+/// Chunk `seq` of part `part_id` as stored.
+fn fetch_row(c: &Connection, part_id: i64, seq: u64) -> StorageResult<ChunkRow> {
     let op = "read";
-    let row = read_blocking(pool, op, |c| {
-        let row = sql::chunk(c, part_id, seq).map_err(|e| from_sqlite(op, e))?;
-        if row.is_none() {
-            // Tell a part that went away from one that lost a chunk.
-            let exists = sql::part_state(c, part_id).map_err(|e| from_sqlite(op, e))?;
-            return Err(match exists {
-                None => StorageError::not_found(
-                    op,
-                    "the part was deleted or replaced while it was being read",
-                ),
-                Some(_) => StorageError::corrupt(op, format!("chunk {seq} of the part is missing")),
-            });
-        }
-        Ok(row)
-    })?
-    .expect("checked above");
-    codec::decompress_into(&row.frame, row.raw_len as usize, &mut buf).map_err(|e| e.in_op(op))?;
+    let row = sql::chunk(c, part_id, seq).map_err(|e| from_sqlite(op, e))?;
+    if let Some(row) = row {
+        return Ok(row);
+    }
+    // Tell a part that went away from one that lost a chunk.
+    let exists = sql::part_state(c, part_id).map_err(|e| from_sqlite(op, e))?;
+    Err(match exists {
+        None => StorageError::not_found(
+            op,
+            "the part was deleted or replaced while it was being read",
+        ),
+        Some(_) => StorageError::corrupt(op, format!("chunk {seq} of the part is missing")),
+    })
+}
+
+/// Decodes a stored chunk into `buf`'s allocation: `(raw_offset, bytes)`.
+fn decode(row: ChunkRow, mut buf: Vec<u8>) -> StorageResult<(u64, Vec<u8>)> {
+    codec::decompress_into(&row.frame, row.raw_len as usize, &mut buf)
+        .map_err(|e| e.in_op("read"))?;
     Ok((row.raw_offset, buf))
 }
 
@@ -77,7 +88,9 @@ pub(crate) struct PartReader {
     label: String,
     read_ahead: usize,
     next_fetch: u64,
-    pending: VecDeque<JoinHandle<StorageResult<Decoded>>>,
+    /// Chunks being fetched and decoded, in order; a closed channel means
+    /// the job panicked.
+    pending: VecDeque<oneshot::Receiver<StorageResult<Decoded>>>,
     current: Vec<u8>,
     /// Consumed chunk buffers, handed to the next fetches: allocating a
     /// fresh chunk buffer per fetch, on whichever blocking thread ran it,
@@ -125,13 +138,36 @@ impl PartReader {
                 .pop()
                 .unwrap_or_else(|| codec::take_buffer(self.chunk_capacity()));
             self.next_fetch += 1;
-            self.pending.push_back(self.runtime.spawn_blocking(move || {
-                fetch_chunk_into(&pool, id, seq, buf).map(|(raw_offset, bytes)| Decoded {
-                    hash: hash_chunk(algorithm, raw_offset, &bytes),
-                    raw_offset,
-                    bytes,
-                })
-            }));
+            let (done, task) = oneshot::channel();
+            let finish = move |row: StorageResult<ChunkRow>| {
+                let decoded = row
+                    .and_then(|row| decode(row, buf))
+                    .map(|(raw_offset, bytes)| Decoded {
+                        hash: hash_chunk(algorithm, raw_offset, &bytes),
+                        raw_offset,
+                        bytes,
+                    });
+                let _ = done.send(decoded);
+            };
+            // Decoded and hashed by a worker (one per core, see
+            // [`crate::compressor`]) with a connection that is free at
+            // once; when every connection is taken, the wait for one goes
+            // to the blocking pool, never to a worker.
+            let runtime = self.runtime.clone();
+            let job = move || match pool.try_get() {
+                Some(c) => {
+                    let row = fetch_row(&c, id, seq);
+                    drop(c);
+                    finish(row);
+                }
+                None => {
+                    runtime.spawn_blocking(move || {
+                        finish(read_blocking(&pool, "read", |c| fetch_row(c, id, seq)))
+                    });
+                }
+            };
+            compressor::submit(Box::new(job), &self.runtime);
+            self.pending.push_back(task);
         }
     }
 
@@ -150,7 +186,6 @@ impl PartReader {
     }
 
     fn fail(&mut self, e: StorageError) -> io::Error {
-        self.pending.iter().for_each(|t| t.abort());
         self.pending.clear();
         self.failed = Some((e.kind(), e.message().to_string()));
         e.in_op("read").or_part(&self.label).into()
@@ -256,9 +291,6 @@ impl AsyncRead for PartReader {
 
 impl Drop for PartReader {
     fn drop(&mut self) {
-        for t in &self.pending {
-            t.abort();
-        }
         codec::recycle_buffer(std::mem::take(&mut self.current));
         self.spare.drain(..).for_each(codec::recycle_buffer);
     }
