@@ -6,11 +6,10 @@
 
 mod server_support;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use server_support::{key, put};
+use server_support::{key, put, ServeProcess};
 use sqlite_export_store::{SqliteOutputStore, StoreOptions};
 
 const FILE_TOKEN: &str = "file-token-0123456789abcdef";
@@ -69,16 +68,6 @@ fn write_file(path: &Path, text: &str, mode: u32) {
     let _ = mode;
 }
 
-/// Kills the server if the test fails midway.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn token_files_grant_access_beside_the_token_flag() {
     if !has_curl() {
@@ -101,29 +90,18 @@ fn token_files_grant_access_beside_the_token_flag() {
         0o644,
     );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_export-store"))
-        .arg("serve")
-        .arg("--db")
-        .arg(&db)
-        .args(["--addr", "127.0.0.1:0", "--token", FLAG_TOKEN])
-        .arg("--token-file")
-        .arg(&tokens)
-        .arg("--tenant-token-file")
-        .arg(&tenant_tokens)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut stderr = child.stderr.take().unwrap();
-    let mut server = Server(child);
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let base = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
+    let mut server = ServeProcess::start(
+        &db,
+        &[
+            "--token".as_ref(),
+            FLAG_TOKEN.as_ref(),
+            "--token-file".as_ref(),
+            tokens.as_os_str(),
+            "--tenant-token-file".as_ref(),
+            tenant_tokens.as_os_str(),
+        ],
+    );
+    let base = server.base.clone();
     let default_url = format!("{base}/export-file/job/Patient-0");
     let acme_url = format!("{base}/acme/export-file/job/Patient-0");
 
@@ -137,10 +115,7 @@ fn token_files_grant_access_beside_the_token_flag() {
     assert_eq!(get(&acme_url, Some(FILE_TOKEN)).0, 403);
     assert_eq!(get(&default_url, Some(TENANT_TOKEN)).0, 403);
 
-    let _ = server.0.kill();
-    let _ = server.0.wait();
-    let mut logs = String::new();
-    stderr.read_to_string(&mut logs).unwrap();
+    let logs = server.kill_and_read_logs();
     let warnings: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
     assert_eq!(warnings.len(), 1, "{logs}");
     assert!(

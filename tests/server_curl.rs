@@ -5,12 +5,12 @@
 
 mod server_support;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use server_support::{key, ndjson_of, put};
+use server_support::{key, ndjson_of, put, ServeProcess};
 use sqlite_export_store::{ExportOutputStore, SqliteOutputStore, StoreOptions};
 
 const TOKEN: &str = "curl-smoke-token-0123456789";
@@ -52,16 +52,6 @@ fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Kills the server if the test fails midway.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn curl_downloads_from_the_real_binary() {
     if Command::new("curl").arg("--version").output().is_err() {
@@ -86,27 +76,16 @@ fn curl_downloads_from_the_real_binary() {
     });
     assert!(info.chunk_count > 4);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_export-store"))
-        .arg("serve")
-        .arg("--db")
-        .arg(&db)
-        .args(["--addr", "127.0.0.1:0", "--token", TOKEN])
-        .arg("--signing-key-file")
-        .arg(&key_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut stderr = child.stderr.take().unwrap();
-    let server = Server(child);
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let base = first
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_string();
+    let mut server = ServeProcess::start(
+        &db,
+        &[
+            "--token".as_ref(),
+            TOKEN.as_ref(),
+            "--signing-key-file".as_ref(),
+            key_file.as_os_str(),
+        ],
+    );
+    let base = server.base.clone();
     let url = format!("{base}/export-file/curl-job/Patient-0");
     let auth = format!("Authorization: Bearer {TOKEN}");
     let d = dir.path();
@@ -217,8 +196,7 @@ fn curl_downloads_from_the_real_binary() {
     assert_eq!(status, 403);
 
     // SIGINT stops the server cleanly.
-    let mut server = server;
-    let pid = server.0.id().to_string();
+    let pid = server.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-INT", &pid])
         .status()
@@ -226,7 +204,7 @@ fn curl_downloads_from_the_real_binary() {
         .success());
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
-        if let Some(s) = server.0.try_wait().unwrap() {
+        if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -237,7 +215,7 @@ fn curl_downloads_from_the_real_binary() {
     };
     assert!(exit.success(), "{exit:?}");
     let mut logs = String::new();
-    stderr.read_to_string(&mut logs).unwrap();
+    server.stderr.read_to_string(&mut logs).unwrap();
     assert!(
         logs.contains("response sent") && logs.contains("status=206"),
         "{logs}"

@@ -167,3 +167,65 @@ pub async fn narrow_get(
         .unwrap();
     sender.send_request(req).await.unwrap()
 }
+
+/// `export-store serve`, the real binary, started on `127.0.0.1:0` with
+/// `args` after `serve --db DB --addr 127.0.0.1:0`; killed when dropped, so
+/// a test that fails midway leaves no server behind.
+pub struct ServeProcess {
+    /// The running binary.
+    pub child: std::process::Child,
+    /// Its standard error (the logs), for reading once it has stopped.
+    pub stderr: std::process::ChildStderr,
+    /// `http://127.0.0.1:PORT`, from its first line of output.
+    pub base: String,
+}
+
+impl ServeProcess {
+    /// Starts the binary and waits for its `listening on URL` line.
+    pub fn start(db: &std::path::Path, args: &[&std::ffi::OsStr]) -> ServeProcess {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_export-store"))
+            .arg("serve")
+            .arg("--db")
+            .arg(db)
+            .args(["--addr", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let stderr = child.stderr.take().unwrap();
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let mut process = ServeProcess {
+            child,
+            stderr,
+            base: String::new(),
+        };
+        process.base = first
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_string();
+        process
+    }
+
+    /// Stops the binary (SIGKILL) and returns everything it logged.
+    pub fn kill_and_read_logs(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut logs = String::new();
+        self.stderr.read_to_string(&mut logs).unwrap();
+        logs
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
