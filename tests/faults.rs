@@ -12,34 +12,15 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use faultkit::{content, key, lines, read_part, write_part};
+use faultkit::{content, key, lines, noisy_lines, read_part, tenant, write_part};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StorageError, StoreOptions,
-    TenantContext, TenantId,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BASE: &str = "http://hfs.test";
 
-fn tenant(t: &str) -> TenantContext {
-    TenantContext::new(TenantId::new(t))
-}
-
 // ------------------------------------------------------------- disk full
-
-/// NDJSON that zstd cannot shrink much, so that a few MiB reach the cap.
-fn noisy_lines(seed: u64, n: usize) -> Vec<String> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut rng = faultkit::Rng(seed | 1);
-    (0..n)
-        .map(|i| {
-            let data: String = (0..2000)
-                .map(|_| ALPHABET[rng.below(64) as usize] as char)
-                .collect();
-            format!(r#"{{"resourceType":"Binary","id":"b{seed}-{i}","data":"{data}"}}"#)
-        })
-        .collect()
-}
 
 async fn write_lines(
     store: &SqliteOutputStore,
@@ -75,14 +56,14 @@ async fn a_full_database_fails_clearly_publishes_nothing_and_recovers_once_space
     )
     .unwrap();
     let kept_key = key("acme", "kept", "Binary", 0, 1);
-    let kept = noisy_lines(1000, 20);
+    let kept = noisy_lines(1000, 20, 2000);
     write_lines(&store, &kept_key, &kept).await.unwrap();
     // Fill the 2 MiB cap with parts of 0.5 MiB until one does not fit.
     let mut stored = Vec::new();
     let mut failure = None;
     for i in 0..12u32 {
         let k = key("acme", "filler", "Binary", i, 1);
-        let ls = noisy_lines(i as u64 + 1, 250);
+        let ls = noisy_lines(i as u64 + 1, 250, 2000);
         match write_lines(&store, &k, &ls).await {
             Ok(()) => stored.push((k, joined(&ls))),
             Err(e) => {
@@ -103,7 +84,7 @@ async fn a_full_database_fails_clearly_publishes_nothing_and_recovers_once_space
         assert!(&read_part(&store, k).await.unwrap() == want);
     }
     // While full, the same part fails again, clearly, instead of hanging.
-    let again = write_lines(&store, &failed_key, &noisy_lines(99, 250))
+    let again = write_lines(&store, &failed_key, &noisy_lines(99, 250, 2000))
         .await
         .unwrap_err();
     assert!(
@@ -126,7 +107,7 @@ async fn a_full_database_fails_clearly_publishes_nothing_and_recovers_once_space
         fencing_token: failed_key.fencing_token + 1,
         ..failed_key.clone()
     };
-    let ls = noisy_lines(99, 250);
+    let ls = noisy_lines(99, 250, 2000);
     write_lines(&store, &retry, &ls).await.unwrap();
     assert!(read_part(&store, &retry).await.unwrap() == joined(&ls));
     assert!(read_part(&store, &kept_key).await.unwrap() == joined(&kept));

@@ -7,29 +7,17 @@
 mod faultkit;
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use faultkit::{content, key, lines, read_part, write_part};
+use faultkit::{content, key, lines, noisy_lines, now_ms, read_part, tenant, write_part};
 use sqlite_export_store::maintenance::JOB_FENCE_MIN_AGE;
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StorageError, StoreOptions,
-    TenantContext, TenantId,
 };
 
 const BASE: &str = "http://hfs.test";
 const ZOMBIE: u64 = 1;
 const LIVE: u64 = 2;
-
-fn tenant(t: &str) -> TenantContext {
-    TenantContext::new(TenantId::new(t))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn options() -> StoreOptions {
     StoreOptions::default().with_chunk_size(1024)
@@ -487,17 +475,6 @@ async fn reclaim_abandoned_prunes_old_marks_only() {
     assert_eq!(mark(&db, "acme", "fresh"), Some(LIVE));
 }
 
-/// `n` lines of incompressible text (hex of a xorshift stream).
-fn noise(seed: u64, n: usize) -> Vec<String> {
-    let mut rng = faultkit::Rng(seed | 1);
-    (0..n)
-        .map(|_| {
-            let hex: String = (0..16).map(|_| format!("{:016x}", rng.next())).collect();
-            format!("{{\"resourceType\":\"Binary\",\"data\":\"{hex}\"}}")
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_database_still_deletes_and_records_every_mark() {
     // Marks are written after the parts are deleted, into the pages the
@@ -520,7 +497,7 @@ async fn a_full_database_still_deletes_and_records_every_mark() {
         let k = key("acme", &job(i), "Binary", 0, 5);
         let r = async {
             let mut w = store.open_writer(&k).await?;
-            for l in noise(i as u64, 24) {
+            for l in noisy_lines(i as u64, 24, 256) {
                 w.write_line(&l)
                     .await
                     .map_err(|e| StorageError::from_io("write_line", e))?;

@@ -7,27 +7,15 @@ mod faultkit;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use faultkit::{content, key, lines, read_part, write_part};
+use faultkit::{content, key, lines, noisy_lines, now_ms, read_part, tenant, write_part};
 use sqlite_export_store::maintenance::VerifyProgress;
 use sqlite_export_store::{
-    ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions, TenantContext,
-    TenantId,
+    ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
 };
 
 const BASE: &str = "http://hfs.test";
-
-fn tenant(t: &str) -> TenantContext {
-    TenantContext::new(TenantId::new(t))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 /// Staging left by a writer that died `age` ago: a staged row and a few
 /// chunks, written straight into the file as that writer had.
@@ -161,23 +149,9 @@ async fn prune_superseded_keeps_the_highest_token_per_slot() {
 }
 
 /// NDJSON that zstd cannot shrink much, so that parts take real space.
-fn noisy(seed: u64, n: usize) -> Vec<String> {
-    let mut rng = faultkit::Rng(seed | 1);
-    (0..n)
-        .map(|i| {
-            let data: String = (0..1500)
-                .map(|_| {
-                    char::from(b'A' + rng.below(26) as u8 + if rng.below(2) == 0 { 32 } else { 0 })
-                })
-                .collect();
-            format!(r#"{{"resourceType":"Binary","id":"{seed}-{i}","data":"{data}"}}"#)
-        })
-        .collect()
-}
-
 async fn write_noisy(store: &SqliteOutputStore, k: &ExportPartKey, n: usize) {
     let mut w = store.open_writer(k).await.unwrap();
-    for l in noisy(k.part_index as u64 + 1, n) {
+    for l in noisy_lines(k.part_index as u64 + 1, n, 1500) {
         w.write_line(&l).await.unwrap();
     }
     store.finalize_part(k, w).await.unwrap();
@@ -259,7 +233,7 @@ async fn deleting_a_large_job_shrinks_the_file_in_the_background_without_stallin
     let store = SqliteOutputStore::open_with(&db, BASE, options()).unwrap();
     for k in &stays {
         let want = if k.job_id.as_str() == "stays" {
-            noisy(k.part_index as u64 + 1, 400)
+            noisy_lines(k.part_index as u64 + 1, 400, 1500)
                 .iter()
                 .flat_map(|l| [l.as_bytes(), b"\n"].concat())
                 .collect()

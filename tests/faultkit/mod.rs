@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, FinalizedPart, SqliteOutputStore, StorageError,
-    StorageResult,
+    StorageResult, TenantContext, TenantId,
 };
 use tokio::io::AsyncReadExt;
 
@@ -229,4 +229,33 @@ pub fn settle(db: &Path) {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// The request context of tenant `t`.
+pub fn tenant(t: &str) -> TenantContext {
+    TenantContext::new(TenantId::new(t))
+}
+
+/// Now, in Unix milliseconds (the store's clock).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// `n` NDJSON lines that zstd cannot shrink much (each `chars` random
+/// base64 characters in a Binary resource), so that a few MiB of parts
+/// reach a size cap or fill pages. The same `seed` gives the same lines.
+pub fn noisy_lines(seed: u64, n: usize, chars: usize) -> Vec<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut rng = Rng(seed | 1);
+    (0..n)
+        .map(|i| {
+            let data: String = (0..chars)
+                .map(|_| ALPHABET[rng.below(64) as usize] as char)
+                .collect();
+            format!(r#"{{"resourceType":"Binary","id":"b{seed}-{i}","data":"{data}"}}"#)
+        })
+        .collect()
 }
