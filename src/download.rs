@@ -29,6 +29,7 @@ use crate::db::read_blocking;
 use crate::digest::{hash_chunk, ChunkHash, ContentDigest, DigestAlgorithm, PartHasher};
 use crate::error::{from_sqlite, StorageError, StorageResult};
 use crate::key::{ExportJobId, ExportPartKey};
+use crate::reader::missing_chunk;
 use crate::sql::{self, ChunkRow, PartRow};
 use crate::SqliteOutputStore;
 
@@ -204,7 +205,7 @@ fn chunk_holding(c: &rusqlite::Connection, id: i64, n: u64, pos: u64) -> Storage
     let span = |seq| {
         sql::chunk_span(c, id, seq)
             .map_err(|e| from_sqlite(OP, e))?
-            .ok_or_else(|| gone_or_missing(c, id, seq))
+            .ok_or_else(|| missing_chunk(c, OP, "downloaded", id, seq))
     };
     // The last chunk whose offset is at most `pos`.
     let (mut lo, mut hi) = (0, n);
@@ -228,22 +229,11 @@ fn chunk_holding(c: &rusqlite::Connection, id: i64, n: u64, pos: u64) -> Storage
 
 /// Why chunk `seq` of part `id` is not there: the part went away (not
 /// found), or the part lost a chunk (corrupt).
-fn gone_or_missing(c: &rusqlite::Connection, id: i64, seq: u64) -> StorageError {
-    match sql::part_state(c, id) {
-        Ok(None) => StorageError::not_found(
-            OP,
-            "the part was deleted or replaced while it was being downloaded",
-        ),
-        Ok(Some(_)) => StorageError::corrupt(OP, format!("chunk {seq} of the part is missing")),
-        Err(e) => from_sqlite(OP, e),
-    }
-}
-
 fn fetch_row(pool: &Pool, part_id: i64, seq: u64) -> StorageResult<ChunkRow> {
     read_blocking(pool, OP, |c| {
         sql::chunk(c, part_id, seq)
             .map_err(|e| from_sqlite(OP, e))?
-            .ok_or_else(|| gone_or_missing(c, part_id, seq))
+            .ok_or_else(|| missing_chunk(c, OP, "downloaded", part_id, seq))
     })
 }
 

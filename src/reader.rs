@@ -57,20 +57,29 @@ fn fetch_chunk_into(
 
 /// Chunk `seq` of part `part_id` as stored.
 fn fetch_row(c: &Connection, part_id: i64, seq: u64) -> StorageResult<ChunkRow> {
-    let op = "read";
-    let row = sql::chunk(c, part_id, seq).map_err(|e| from_sqlite(op, e))?;
-    if let Some(row) = row {
-        return Ok(row);
-    }
-    // Tell a part that went away from one that lost a chunk.
-    let exists = sql::part_state(c, part_id).map_err(|e| from_sqlite(op, e))?;
-    Err(match exists {
-        None => StorageError::not_found(
+    sql::chunk(c, part_id, seq)
+        .map_err(|e| from_sqlite("read", e))?
+        .ok_or_else(|| missing_chunk(c, "read", "read", part_id, seq))
+}
+
+/// Why chunk `seq` of part `part_id` is not there, for operation `op`
+/// (that was `doing` it): the part went away (not found), or the part is
+/// there without that chunk (corrupt).
+pub(crate) fn missing_chunk(
+    c: &Connection,
+    op: &'static str,
+    doing: &str,
+    part_id: i64,
+    seq: u64,
+) -> StorageError {
+    match sql::part_state(c, part_id) {
+        Ok(None) => StorageError::not_found(
             op,
-            "the part was deleted or replaced while it was being read",
+            format!("the part was deleted or replaced while it was being {doing}"),
         ),
-        Some(_) => StorageError::corrupt(op, format!("chunk {seq} of the part is missing")),
-    })
+        Ok(Some(_)) => StorageError::corrupt(op, format!("chunk {seq} of the part is missing")),
+        Err(e) => from_sqlite(op, e),
+    }
 }
 
 /// Decodes a stored chunk into `buf`'s allocation: `(raw_offset, bytes)`.
