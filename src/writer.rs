@@ -169,8 +169,6 @@ pub(crate) struct PartSink {
     stored_bytes: u64,
     /// Combines the chunks' digests, in order, as their tasks finish.
     hasher: PartHasher,
-    /// Whether chunk tasks hash their chunks (chunks are BLAKE3 subtrees).
-    hash_in_tasks: bool,
     in_flight: VecDeque<ChunkTask>,
     queued: VecDeque<Queued>,
     /// A transient failure, reported at shutdown (and so by finalize).
@@ -190,7 +188,6 @@ impl PartSink {
         key: &ExportPartKey,
         cfg: SinkConfig,
     ) -> Self {
-        let hash_in_tasks = digest::tree_compatible(cfg.chunk_size);
         PartSink {
             db,
             registry,
@@ -205,7 +202,6 @@ impl PartSink {
             accepted: 0,
             stored_bytes: 0,
             hasher: PartHasher::new(DigestAlgorithm::CURRENT),
-            hash_in_tasks,
             in_flight: VecDeque::new(),
             queued: VecDeque::new(),
             deferred: None,
@@ -251,7 +247,9 @@ impl PartSink {
         self.dispatched_bytes += raw.len() as u64;
         let db = self.db.clone();
         let level = self.cfg.level;
-        let hash = self.hash_in_tasks;
+        // Chunk jobs hash their chunks when chunks are BLAKE3 subtrees;
+        // otherwise the hasher hashes them in order as they come back.
+        let hash = digest::tree_compatible(self.cfg.chunk_size);
         let runtime = self.runtime.clone();
         let (done, task) = oneshot::channel();
         let job = move || {
