@@ -68,11 +68,7 @@ pub fn limit_size(conn: &Connection, max_bytes: Option<u64>) -> rusqlite::Result
         return Ok(None);
     };
     let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-    let pages = (max_bytes / page_size.max(1)).max(1);
-    let set: u64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
-        r.get(0)
-    })?;
-    Ok(Some(set))
+    crate::sql::set_size_cap(conn, max_bytes / page_size.max(1)).map(Some)
 }
 
 /// Shapes a new file (page size, incremental auto-vacuum, WAL) and applies
