@@ -14,9 +14,10 @@
 //!   timed.
 //!
 //! Data: the Synthea sample (`$EXPORT_STORE_SYNTHEA`, default the sample
-//! beside this crate) repeated to size, and the synthetic generator's
-//! output. The machine these run on is small and shared, so samples are few
-//! and short; `export-store bench` prints the same comparisons as one table.
+//! vendored in `data/synthea-10-patients`) repeated to size, and the
+//! synthetic generator's output. The machine these run on is small and
+//! shared, so samples are few and short; `export-store bench` prints the
+//! same comparisons as one table.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,7 +51,7 @@ fn contenders() -> Contenders {
 
 fn corpora() -> Vec<Arc<Corpus>> {
     let mut out = Vec::new();
-    match Corpus::synthea(&workload::default_synthea_dir()) {
+    match workload::synthea_dir(None).and_then(|d| Corpus::synthea(d.path())) {
         Ok(c) => out.push(Arc::new(c)),
         Err(e) => eprintln!("no Synthea sample ({e}); synthetic data only"),
     }

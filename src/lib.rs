@@ -51,6 +51,8 @@ pub mod localfs;
 pub mod maintenance;
 mod options;
 mod reader;
+#[doc(hidden)]
+pub mod sample;
 pub mod schema;
 #[cfg(feature = "server")]
 pub mod server;

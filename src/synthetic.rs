@@ -1182,14 +1182,6 @@ mod tests {
 
     #[test]
     fn line_lengths_are_close_to_the_synthea_sample() {
-        let dir = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/data/synthea-10-patients/"
-        );
-        assert!(
-            std::path::Path::new(dir).is_dir(),
-            "the Synthea sample data set is missing: expected it at {dir}"
-        );
         let average = |text: &str| {
             text.lines().map(str::len).sum::<usize>() as f64 / text.lines().count() as f64
         };
@@ -1203,9 +1195,9 @@ mod tests {
             "Immunization",
             "DocumentReference",
         ] {
-            let path = format!("{dir}{t}.000.ndjson");
-            let real =
-                std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+            let real = crate::sample::synthea_file(&format!("{t}.000.ndjson"))
+                .map(|bytes| String::from_utf8(bytes).unwrap())
+                .unwrap_or_else(|e| panic!("{e}"));
             let ours = average(std::str::from_utf8(&g.ndjson(t, 200)).unwrap());
             let ratio = ours / average(&real);
             assert!(

@@ -621,10 +621,7 @@ async fn a_database_from_a_newer_schema_is_refused_with_a_message_that_says_so()
 async fn a_file_that_is_not_a_database_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     for (name, bytes) in [
-        (
-            "text.db",
-            std::fs::read(faultkit::synthea_dir().join("Patient.000.ndjson")).unwrap(),
-        ),
+        ("text.db", faultkit::synthea("Patient.000.ndjson")),
         ("zeros.db", vec![0u8; 64 << 10]),
         ("short.db", b"SQLite format 3\0".to_vec()),
     ] {

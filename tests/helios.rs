@@ -5,7 +5,6 @@
 //! purge call it.
 
 use std::io;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -41,11 +40,9 @@ fn tenant(id: &str) -> TenantContext {
     TenantContext::new(TenantId::new(id), TenantPermissions::full_access())
 }
 
+/// One file of the Synthea sample vendored in the repository.
 fn synthea(file: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/synthea-10-patients")
-        .join(file);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    sqlite_export_store::sample::synthea_file(file).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn lines(data: &[u8]) -> Vec<&str> {

@@ -1,22 +1,17 @@
 //! Behaviour specific to the SQLite store: the file, URLs, part facts, and
 //! the real Synthea export round-tripping through it.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlite_export_store::conformance::read_all;
+use sqlite_export_store::sample;
 use sqlite_export_store::{
     DigestAlgorithm, ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
 };
 
-fn synthea_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-10-patients");
-    assert!(
-        dir.is_dir(),
-        "the Synthea sample is missing: expected it at {}",
-        dir.display()
-    );
-    dir
+/// One file of the Synthea sample vendored in the repository.
+fn synthea(file: &str) -> Vec<u8> {
+    sample::synthea_file(file).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn put(store: &SqliteOutputStore, key: &ExportPartKey, data: &[u8]) {
@@ -34,23 +29,8 @@ async fn synthea_export_round_trips_file_by_file() {
     let store = SqliteOutputStore::temporary("http://127.0.0.1:8080").unwrap();
     let job = ExportJobId::new();
     let (mut raw, mut stored, mut files) = (0u64, 0u64, 0);
-    let mut entries: Vec<_> = std::fs::read_dir(synthea_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".000.ndjson"))
-        .collect();
-    entries.sort();
-    for path in entries {
-        let data = std::fs::read(&path).unwrap();
-        let ty = path
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .split('.')
-            .next()
-            .unwrap()
-            .to_string();
+    for file in sample::synthea().unwrap_or_else(|e| panic!("{e}")) {
+        let (data, ty) = (file.ndjson, file.resource_type);
         let key = ExportPartKey::output("default", job.clone(), ty.clone(), 0, 1);
         put(&store, &key, &data).await;
         let back = read_all(&store, &key).await.unwrap();
@@ -319,7 +299,7 @@ async fn parts_finished_under_schema_1_keep_and_check_their_sha256_digests() {
     use sha2::{Digest, Sha256};
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("old.db");
-    let data = std::fs::read(synthea_dir().join("Condition.000.ndjson")).unwrap();
+    let data = synthea("Condition.000.ndjson");
     let good = Sha256::digest(&data)
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -12,18 +12,17 @@ use sqlite_export_store::{
 };
 use tokio::io::AsyncReadExt;
 
-/// The real Synthea bulk export shipped beside the crate.
-pub fn synthea_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-10-patients")
+/// One file of the real Synthea bulk export vendored in the repository
+/// (`"Patient.000.ndjson"`), decompressed.
+pub fn synthea(file: &str) -> Vec<u8> {
+    sqlite_export_store::sample::synthea_file(file).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Real FHIR resources (Synthea encounters), one NDJSON line each.
 pub fn resources() -> &'static [String] {
     static LINES: OnceLock<Vec<String>> = OnceLock::new();
     LINES.get_or_init(|| {
-        let path = synthea_dir().join("Encounter.000.ndjson");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let text = String::from_utf8(synthea("Encounter.000.ndjson")).expect("NDJSON is UTF-8");
         let lines: Vec<String> = text.lines().take(400).map(str::to_string).collect();
         assert!(lines.len() >= 100, "too few Synthea resources");
         lines

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
+use sqlite_export_store::sample;
 use sqlite_export_store::server::{self, ServerConfig};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, PartInfo, SqliteOutputStore, StoreOptions,
@@ -15,17 +16,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-pub const SYNTHEA: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/synthea-10-patients/"
-);
-
 /// Real Synthea NDJSON, whole lines cycled until at least `size` bytes.
 pub fn ndjson_of(size: usize) -> Vec<u8> {
     let mut source = Vec::new();
     for f in ["Condition.000.ndjson", "Encounter.000.ndjson"] {
-        let path = format!("{SYNTHEA}{f}");
-        source.extend(std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")));
+        source.extend(sample::synthea_file(f).unwrap_or_else(|e| panic!("{e}")));
     }
     let lines: Vec<&[u8]> = source.split_inclusive(|&b| b == b'\n').collect();
     let mut out = Vec::with_capacity(size + 64 * 1024);

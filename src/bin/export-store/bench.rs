@@ -46,8 +46,9 @@ pub struct Args {
     /// system's temporary folder). Put it on the disk you want measured.
     #[arg(long)]
     db_dir: Option<PathBuf>,
-    /// A Synthea bulk-export folder (`*.ndjson`); default
-    /// `$EXPORT_STORE_SYNTHEA` or the sample beside this crate.
+    /// A Synthea bulk-export folder (plain `*.ndjson`); default
+    /// `$EXPORT_STORE_SYNTHEA` or the sample vendored in this repository
+    /// (`data/synthea-10-patients`).
     #[arg(long)]
     synthea: Option<PathBuf>,
     /// Which data: `synthea`, `synthetic` or `both`.
@@ -118,16 +119,18 @@ async fn main(args: Args) -> BenchResult<()> {
         options = options.with_read_ahead(n);
     }
     let dir = args.db_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let synthea_dir = args
-        .synthea
-        .clone()
-        .unwrap_or_else(workload::default_synthea_dir);
     println!("{}", machine_line());
 
     let mut corpora = Vec::new();
+    let mut synthea_dir = None;
     if args.data == "synthea" || args.data == "both" {
-        match Corpus::synthea(&synthea_dir) {
-            Ok(c) => corpora.push(Arc::new(c)),
+        let loaded = workload::synthea_dir(args.synthea.clone())
+            .and_then(|d| Ok((Corpus::synthea(d.path())?, d)));
+        match loaded {
+            Ok((c, d)) => {
+                corpora.push(Arc::new(c));
+                synthea_dir = Some(d);
+            }
             Err(e) if args.data == "both" => println!("(no Synthea sample: {e})"),
             Err(e) => return Err(e),
         }
@@ -219,8 +222,8 @@ async fn main(args: Args) -> BenchResult<()> {
     if plan.runs("delete") {
         delete_group(&plan, primary, &mut table).await?;
     }
-    if plan.runs("ratio") && primary.name == "synthea" {
-        ratio_group(&plan, &synthea_dir, &mut table).await?;
+    if let Some(synthea) = synthea_dir.filter(|_| plan.runs("ratio") && primary.name == "synthea") {
+        ratio_group(&plan, synthea.path(), &mut table).await?;
     }
     // Last, because its baseline holds a whole part in memory.
     let rss_before_serve = peak_rss_mib();

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use sqlite_export_store::codec;
 use sqlite_export_store::localfs::LocalFsOutputStore;
+use sqlite_export_store::sample;
 use sqlite_export_store::synthetic::Generator;
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions, TenantContext,
@@ -40,14 +41,38 @@ pub const HFS_BATCH: usize = 1000;
 /// The buffer a download is read through (what a server hands to a socket).
 pub const READ_BUFFER: usize = 64 * 1024;
 
-/// Where the Synthea sample lives on the machine this crate is developed
-/// on; `EXPORT_STORE_SYNTHEA` overrides it.
-pub fn default_synthea_dir() -> PathBuf {
-    std::env::var_os("EXPORT_STORE_SYNTHEA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/synthea-10-patients")
-        })
+/// A folder of plain Synthea NDJSON for the bench to read, kept as long as
+/// this value lives.
+pub struct SyntheaDir {
+    path: PathBuf,
+    /// The temporary folder the vendored sample was decompressed into.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl SyntheaDir {
+    /// The folder of `Type.000.ndjson` files.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The Synthea data the bench reads: `dir` if given, else the folder
+/// `$EXPORT_STORE_SYNTHEA` names (both plain `*.ndjson`), else the sample
+/// vendored in this repository ([`sample::synthea_dir`]), decompressed into
+/// a temporary folder removed when the returned value is dropped.
+pub fn synthea_dir(dir: Option<PathBuf>) -> BenchResult<SyntheaDir> {
+    if let Some(path) = dir.or_else(|| std::env::var_os("EXPORT_STORE_SYNTHEA").map(PathBuf::from))
+    {
+        return Ok(SyntheaDir { path, _temp: None });
+    }
+    let temp = tempfile::Builder::new()
+        .prefix("export-store-synthea-")
+        .tempdir()?;
+    sample::synthea_to_dir(temp.path())?;
+    Ok(SyntheaDir {
+        path: temp.path().to_path_buf(),
+        _temp: Some(temp),
+    })
 }
 
 /// NDJSON text split into lines, the source of every part.
@@ -63,7 +88,8 @@ impl Corpus {
     /// The FHIR resource files of a bulk export folder (`*.ndjson` whose
     /// first line has a `resourceType`), concatenated in file-name order.
     pub fn synthea(dir: &Path) -> BenchResult<Corpus> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "ndjson"))
             .collect();
