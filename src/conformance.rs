@@ -74,6 +74,7 @@ pub async fn run_all(store: &dyn ExportOutputStore, p: &Params) {
     run!(tenant_purge_is_exact);
     run!(invalid_keys_are_rejected);
     run!(bulk_submit_key_shapes, p.chunk_size);
+    run!(bulk_submit_receipts);
     run!(concurrent_parts, 32, p.chunk_size);
     run!(read_meets_delete, p.chunk_size);
 }
@@ -606,7 +607,14 @@ pub async fn invalid_keys_are_rejected(store: &dyn ExportOutputStore) {
         k.job_id = ExportJobId::from(long.as_str())
     });
     add("overlong type", &|k| k.resource_type = long.clone());
-    add("unknown file type", &|k| k.file_type = "ndjson".into());
+    add("upper-case file type", &|k| k.file_type = "Output".into());
+    add("file type with a slash", &|k| {
+        k.file_type = "output/x".into()
+    });
+    add("file type starting with a digit", &|k| {
+        k.file_type = "0utput".into()
+    });
+    add("overlong file type", &|k| k.file_type = "o".repeat(33));
     add("empty file type", &|k| k.file_type.clear());
     for (name, key) in &cases {
         let e = store.open_writer(key).await.expect_err(name);
@@ -655,6 +663,64 @@ pub async fn bulk_submit_key_shapes(store: &dyn ExportOutputStore, chunk: usize)
         .await
         .expect("url");
     assert!(url.url.contains(&ty), "{}", url.url);
+}
+
+/// The receipts HFS 0.2.7's bulk-submit worker writes for one submission:
+/// per-type `output` parts and an `error` part (raw writes), and a `deleted`
+/// receipt (`Bundle` lines) whenever a provider manifest lists deletions,
+/// for two manifests of one submission, which share the submission's job id
+/// and differ in their locators. All read back and get URLs; HFS deletes the
+/// submission's outputs twice on `DELETE` (once from the handler, once from
+/// the cleanup sweep), and both calls succeed and leave nothing.
+pub async fn bulk_submit_receipts(store: &dyn ExportOutputStore) {
+    let t = tenant("receipts");
+    let job = ExportJobId::from(format!("submit-{:016x}", 0x1234_5678_9abc_def0u64));
+    let locator = |n: u8| format!("submit-v1-{}", format!("{n:02x}").repeat(32));
+    let mut parts = Vec::new();
+    for manifest in 0..2u8 {
+        let receipts: [(&str, u8, Vec<u8>); 3] = [
+            (
+                "output",
+                0,
+                ndjson_exact(70_000 + usize::from(manifest), 11),
+            ),
+            (
+                "error",
+                1,
+                b"{\"resourceType\":\"OperationOutcome\",\"issue\":[]}\n".to_vec(),
+            ),
+            (
+                "deleted",
+                2,
+                b"{\"reference\":\"Patient/p1\"}\n{\"reference\":\"Patient/p2\"}\n".to_vec(),
+            ),
+        ];
+        for (file_type, n, data) in receipts {
+            let mut key = ExportPartKey::output(&t, job.clone(), locator(manifest * 16 + n), 0, 3);
+            key.file_type = file_type.to_string();
+            put_raw(store, &key, &data, &[64 * 1024])
+                .await
+                .unwrap_or_else(|e| panic!("{file_type} receipt of manifest {manifest}: {e}"));
+            parts.push((key, data));
+        }
+    }
+    for (key, data) in &parts {
+        assert_reads(store, key, data, &format!("{} receipt", key.file_type)).await;
+        let url = store
+            .download_url(key, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{} receipt url: {e}", key.file_type));
+        assert!(url.url.contains(&key.resource_type), "{}", url.url);
+    }
+    for round in 0..2 {
+        store
+            .delete_job_outputs(&ctx(&t), &job)
+            .await
+            .unwrap_or_else(|e| panic!("delete of the submission, call {round}: {e}"));
+    }
+    for (key, _) in &parts {
+        assert_missing(store, key, "receipt of a deleted submission").await;
+    }
 }
 
 /// `n` parts written at once, of different types and sizes, all read back

@@ -41,6 +41,11 @@ const QUEUE_DEPTH: usize = 64;
 /// that commit's own frames if they are larger. Set to the autocheckpoint
 /// threshold, it leaves a log that stays below the threshold alone.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
+/// How long the writer thread waits without a command, after a write,
+/// before it checkpoints the write-ahead log and truncates it to nothing:
+/// a store that sits idle keeps all of its data in the database file and no
+/// megabytes of log beside it.
+const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
 
 type Call = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -385,6 +390,13 @@ fn writer_thread(
     staging_retry: Duration,
 ) {
     use mpsc::error::TryRecvError;
+    // A clock for waiting on the queue with a timeout; without one (it
+    // could not start) the log is only truncated by SQLite's own limit.
+    let clock = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .ok();
+    let mut wal_written = false;
     let mut next: Option<Command> = None;
     loop {
         let cmd = match next.take() {
@@ -395,15 +407,31 @@ fn writer_thread(
                     if !crate::maintenance::idle_vacuum_step(&conn) {
                         reclaim.store(false, Ordering::SeqCst);
                     }
+                    wal_written = true;
                     continue;
                 }
-                Err(TryRecvError::Empty) => match rx.blocking_recv() {
-                    Some(c) => c,
-                    None => break,
-                },
+                Err(TryRecvError::Empty) => {
+                    let received = match &clock {
+                        Some(clock) if wal_written => clock.block_on(async {
+                            tokio::time::timeout(IDLE_TRUNCATE_AFTER, rx.recv()).await
+                        }),
+                        _ => Ok(rx.blocking_recv()),
+                    };
+                    match received {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(_idle) => {
+                            // Readers still on an old snapshot keep the log;
+                            // the next idle spell tries again.
+                            wal_written = !sql::truncate_wal_now(&conn);
+                            continue;
+                        }
+                    }
+                }
                 Err(TryRecvError::Disconnected) => break,
             },
         };
+        wal_written = true;
         discard_dropped(&conn, &discards);
         match cmd {
             Command::Call(f) => {

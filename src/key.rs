@@ -158,19 +158,15 @@ impl ExportPartKey {
 
     /// Checks the key as the store does before any I/O: tenant, job id and
     /// resource type non-empty UTF-8 without control characters, at most
-    /// [`MAX_ID_BYTES`] bytes each; file type `output` or `error`.
+    /// [`MAX_ID_BYTES`] bytes each; file type 1 to [`MAX_FILE_TYPE_BYTES`]
+    /// bytes of `[a-z0-9_-]` starting with a letter (`output` and `error`
+    /// for exports; HFS's bulk submit also writes `deleted`).
     pub fn validate(&self, op: &'static str) -> StorageResult<()> {
         let fail = |e: StorageError| e.with_part(KeyDisplay(self));
         check_id(op, "tenant id", &self.tenant_id).map_err(fail)?;
         check_id(op, "job id", self.job_id.as_str()).map_err(fail)?;
         check_id(op, "resource type", &self.resource_type).map_err(fail)?;
-        if self.file_type != "output" && self.file_type != "error" {
-            return Err(fail(StorageError::invalid(
-                op,
-                "file type must be \"output\" or \"error\"",
-            )));
-        }
-        Ok(())
+        check_file_type(op, &self.file_type).map_err(fail)
     }
 
     /// A short display form for messages and logs:
@@ -218,6 +214,33 @@ impl fmt::Display for Short<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// The longest file type a key may carry.
+pub const MAX_FILE_TYPE_BYTES: usize = 32;
+
+/// A file type is a short lower-case word: it becomes part of file names
+/// and object keys in other stores, so it is kept to `[a-z0-9_-]`.
+fn check_file_type(op: &'static str, file_type: &str) -> StorageResult<()> {
+    let ok = file_type.len() <= MAX_FILE_TYPE_BYTES
+        && file_type
+            .as_bytes()
+            .first()
+            .is_some_and(u8::is_ascii_lowercase)
+        && file_type
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::invalid(
+            op,
+            format!(
+                "file type must be 1 to {MAX_FILE_TYPE_BYTES} bytes of a-z, 0-9, '_' or '-', \
+                 starting with a letter (such as \"output\", \"error\" or \"deleted\")"
+            ),
+        ))
     }
 }
 
@@ -280,11 +303,24 @@ mod tests {
                 Box::new(|k| k.resource_type = "Pat\nient".into()),
             ),
             ("long", Box::new(|k| k.job_id = "x".repeat(257).into())),
-            ("file type", Box::new(|k| k.file_type = "ndjson".into())),
+            ("empty file type", Box::new(|k| k.file_type.clear())),
             (
                 "file type case",
                 Box::new(|k| k.file_type = "Output".into()),
             ),
+            ("file type digit", Box::new(|k| k.file_type = "1st".into())),
+            ("file type dash", Box::new(|k| k.file_type = "-x".into())),
+            (
+                "file type slash",
+                Box::new(|k| k.file_type = "out/put".into()),
+            ),
+            ("file type dots", Box::new(|k| k.file_type = "..".into())),
+            (
+                "file type space",
+                Box::new(|k| k.file_type = "out put".into()),
+            ),
+            ("file type é", Box::new(|k| k.file_type = "sortie-é".into())),
+            ("file type long", Box::new(|k| k.file_type = "a".repeat(33))),
         ];
         for (name, mutate) in cases {
             let mut k = key();
@@ -296,6 +332,12 @@ mod tests {
         let mut k = key();
         k.job_id = "y".repeat(256).into();
         k.validate("t").unwrap();
+        for file_type in ["output", "error", "deleted", "a", "x_1-b", &"z".repeat(32)] {
+            let mut k = key();
+            k.file_type = file_type.to_string();
+            k.validate("t")
+                .unwrap_or_else(|e| panic!("file type {file_type:?}: {e}"));
+        }
     }
 
     #[test]

@@ -68,7 +68,9 @@ pub mod conformance;
 pub use contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
 pub use digest::{ContentDigest, DigestAlgorithm};
 pub use error::{ErrorKind, StorageError, StorageResult};
-pub use key::{ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_ID_BYTES};
+pub use key::{
+    ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_FILE_TYPE_BYTES, MAX_ID_BYTES,
+};
 pub use options::{StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE};
 pub use store::{PartInfo, SqliteOutputStore};
 

@@ -372,13 +372,7 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
 /// busy database ends the idle work until the next delete asks again.
 /// Returns whether free pages remain to give back.
 pub(crate) fn idle_vacuum_step(conn: &Connection) -> bool {
-    let configured = conn
-        .query_row("PRAGMA busy_timeout", [], |r| r.get::<_, i64>(0))
-        .unwrap_or(0);
-    let _ = conn.busy_timeout(Duration::ZERO);
-    let step = vacuum_step(conn);
-    let _ = conn.busy_timeout(Duration::from_millis(configured.max(0) as u64));
-    match step {
+    match sql::without_waiting(conn, vacuum_step) {
         Ok((freed, left, _)) if freed > 0 && left > 0 => true,
         Ok(_) => {
             let _ = checkpoint(conn);

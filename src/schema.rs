@@ -32,6 +32,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_staging_activity",
         include_str!("../migrations/0004_staging_activity.sql"),
     ),
+    (
+        "0005_file_types",
+        include_str!("../migrations/0005_file_types.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
@@ -98,7 +102,31 @@ pub fn prepare(conn: &mut Connection) -> StorageResult<()> {
 }
 
 /// Applies every migration the database does not have yet.
+///
+/// A migration may rebuild a table that another references (SQLite's way
+/// to change a constraint); with foreign keys enforced, dropping the old
+/// table would delete the rows that reference it. So enforcement is off
+/// while migrations run (the pragma cannot change inside a transaction) and
+/// each migration checks every foreign key before it commits; the
+/// connection's setting is restored afterwards.
 pub fn migrate(conn: &mut Connection) -> StorageResult<()> {
+    let sql = |e| from_sqlite("open", e);
+    let enforced: bool = conn
+        .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+        .map_err(sql)?;
+    if enforced {
+        conn.pragma_update(None, "foreign_keys", false)
+            .map_err(sql)?;
+    }
+    let applied = apply_pending(conn);
+    if enforced {
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(sql)?;
+    }
+    applied
+}
+
+fn apply_pending(conn: &mut Connection) -> StorageResult<()> {
     let op = "open";
     let sql = |e| from_sqlite(op, e);
     loop {
@@ -120,8 +148,18 @@ pub fn migrate(conn: &mut Connection) -> StorageResult<()> {
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        let (_, migration) = MIGRATIONS[version as usize];
+        let (name, migration) = MIGRATIONS[version as usize];
         tx.execute_batch(migration).map_err(sql)?;
+        let broken = tx
+            .prepare("PRAGMA foreign_key_check")
+            .and_then(|mut st| st.query([])?.next().map(|row| row.is_some()))
+            .map_err(sql)?;
+        if broken {
+            return Err(StorageError::internal(
+                op,
+                format!("migration {name} would leave rows whose foreign keys point nowhere"),
+            ));
+        }
         tx.pragma_update(None, "user_version", version + 1)
             .map_err(sql)?;
         tx.commit().map_err(sql)?;
@@ -176,6 +214,96 @@ mod tests {
         }
         // Running again is a no-op.
         prepare(&mut fresh).unwrap();
+    }
+
+    /// Migration 5 rebuilds `parts` to widen its file-type check: rows,
+    /// chunks, the id counter, the indexes and the immutability triggers all
+    /// survive, and enforcement of foreign keys comes back on.
+    #[test]
+    fn the_file_type_migration_keeps_every_row_and_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(dir.path().join("v4.db")).unwrap();
+        configure(&c, Duration::from_secs(1)).unwrap();
+        for (i, (_, m)) in MIGRATIONS.iter().take(4).enumerate() {
+            c.execute_batch(m).unwrap();
+            c.pragma_update(None, "user_version", i as u32 + 1).unwrap();
+        }
+        c.execute_batch(
+            "INSERT INTO parts (tenant_id, job_id, file_type, resource_type, part_index,
+                 fencing_token, finalized, created_at_ms) VALUES
+                 ('t','j','output','P',0,7,0,1), ('t','j','error','OperationOutcome',0,7,0,1),
+                 ('t','j','output','P',1,7,0,1);
+             INSERT INTO chunks (part_id, seq, raw_offset, raw_len, frame) VALUES
+                 (1,0,0,1,x'00'), (2,0,0,1,x'01');
+             UPDATE parts SET finalized = 1, finalized_at_ms = 2, line_count = 1, byte_count = 1,
+                 stored_bytes = 1, chunk_count = 1, digest = 'd', digest_algorithm = 'blake3'
+                 WHERE id = 1;
+             DELETE FROM parts WHERE id = 3;",
+        )
+        .unwrap();
+        let rows = |c: &Connection| -> Vec<(i64, String, i64, Option<String>)> {
+            let mut st = c
+                .prepare("SELECT id, file_type, finalized, digest_algorithm FROM parts ORDER BY id")
+                .unwrap();
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let before = rows(&c);
+        let tables_before = tables(&c);
+
+        migrate(&mut c).unwrap();
+        assert_eq!(version(&c).unwrap(), SCHEMA_VERSION);
+        assert_eq!(rows(&c), before);
+        assert_eq!(tables(&c), tables_before);
+        let fk: bool = c
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .unwrap();
+        assert!(fk, "foreign keys are enforced again");
+        let chunks: i64 = c
+            .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(chunks, 2);
+
+        // The counter moved over: the deleted id 3 is not handed out again.
+        c.execute(
+            "INSERT INTO parts (tenant_id, job_id, file_type, resource_type, part_index,
+                 fencing_token, created_at_ms) VALUES ('t','s','deleted','Bundle',0,1,1)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(c.last_insert_rowid(), 4);
+        for bad in ["Output", "1x", "a/b", "", &"x".repeat(33)] {
+            let e = c
+                .execute(
+                    "INSERT INTO parts (tenant_id, job_id, file_type, resource_type, part_index,
+                         fencing_token, created_at_ms) VALUES ('t','s',?1,'B',1,1,1)",
+                    [bad],
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains("CHECK"), "{bad:?}: {e}");
+        }
+        // The rules on finished parts still hold, and deletes still cascade.
+        for stmt in [
+            "UPDATE parts SET line_count = 5 WHERE id = 1",
+            "UPDATE chunks SET frame = x'02' WHERE part_id = 1",
+            "INSERT INTO chunks (part_id, seq, raw_offset, raw_len, frame) VALUES (1,1,1,1,x'00')",
+        ] {
+            let e = c.execute(stmt, []).unwrap_err();
+            assert!(e.to_string().contains("immutable"), "{stmt}: {e}");
+        }
+        let dup = c.execute(
+            "INSERT INTO parts (tenant_id, job_id, file_type, resource_type, part_index,
+                 fencing_token, finalized, created_at_ms) VALUES ('t','j','error','OperationOutcome',0,7,0,1)",
+            [],
+        );
+        assert!(dup.is_err(), "the unique key index is back");
+        c.execute("DELETE FROM parts WHERE id = 1", []).unwrap();
+        let chunks: i64 = c
+            .query_row("SELECT count(*) FROM chunks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(chunks, 1);
     }
 
     #[test]

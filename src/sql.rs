@@ -378,6 +378,33 @@ pub fn set_size_cap(conn: &Connection, pages: u64) -> rusqlite::Result<u64> {
     .map(|v| v.max(0) as u64)
 }
 
+/// Runs `f` with the connection's busy timeout at zero, so that nothing in
+/// it waits for a lock held elsewhere, then restores the timeout.
+pub fn without_waiting<T>(conn: &Connection, f: impl FnOnce(&Connection) -> T) -> T {
+    let configured = conn
+        .query_row("PRAGMA busy_timeout", [], |r| r.get::<_, i64>(0))
+        .unwrap_or(0);
+    let _ = conn.busy_timeout(std::time::Duration::ZERO);
+    let out = f(conn);
+    let _ = conn.busy_timeout(std::time::Duration::from_millis(configured.max(0) as u64));
+    out
+}
+
+/// Checkpoints the whole write-ahead log into the database and truncates
+/// the log file to zero bytes, without waiting for any lock: returns whether
+/// it did (a reader on an old snapshot, or a writer of another process,
+/// makes it give up at once).
+pub fn truncate_wal_now(conn: &Connection) -> bool {
+    without_waiting(conn, |c| {
+        // The row is (busy, log frames, checkpointed frames); busy = 0 when
+        // the checkpoint ran to the end and the log was truncated.
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .is_ok_and(|busy| busy == 0)
+    })
+}
+
 /// SQLite's largest page count (`SQLITE_MAX_PAGE_COUNT` of the bundled
 /// build): a cap this high is no cap.
 pub const SQLITE_MAX_PAGES: u64 = 0xffff_fffe;

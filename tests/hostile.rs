@@ -59,7 +59,9 @@ fn bad_keys() -> Vec<(&'static str, Mutation)> {
             k.resource_type = "R".repeat(1 << 20)
         }),
         ("257-byte tenant", |k| k.tenant_id = "t".repeat(257)),
-        ("unknown file type", |k| k.file_type = "ndjson".into()),
+        ("file type with a path", |k| {
+            k.file_type = "../output".into()
+        }),
         ("file type in capitals", |k| k.file_type = "OUTPUT".into()),
         ("file type with NUL", |k| k.file_type = "output\0".into()),
         ("1 MB file type", |k| k.file_type = "o".repeat(1 << 20)),

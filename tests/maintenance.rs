@@ -510,6 +510,69 @@ async fn the_write_ahead_log_shrinks_back_to_its_limit_after_big_writes() {
     assert!(back == data);
 }
 
+/// Polls `f` until it holds, for at most `limit`; returns whether it did.
+async fn eventually(limit: Duration, f: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_store_truncates_its_write_ahead_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("idle.db");
+    let store = SqliteOutputStore::open(&db, BASE).unwrap();
+    let wal = || faultkit::disk_bytes(&db).1;
+    let data = noise(3 << 20);
+
+    // A reader on an old snapshot keeps every frame in the log: the idle
+    // writer tries, gives up without waiting, and tries again later.
+    let reader = rusqlite::Connection::open(&db).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM parts", [], |r| r.get(0))
+        .unwrap();
+    write_noise(&store, &key("acme", "idle", "Binary", 0, 1), &data).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let pinned = wal();
+    assert!(pinned > 1 << 20, "WAL {pinned} behind an open reader");
+
+    // Once the reader is gone, an idle spell truncates the log to nothing.
+    drop(reader);
+    let limit = Duration::from_secs(15);
+    assert!(
+        eventually(limit, || wal() == 0).await,
+        "WAL still {} bytes after the store sat idle",
+        wal()
+    );
+    println!("WAL: {pinned} bytes behind an open reader, 0 once idle");
+
+    // Everything is in the database file, and the store goes on working.
+    let back = read_part(&store, &key("acme", "idle", "Binary", 0, 1))
+        .await
+        .unwrap();
+    assert!(back == data);
+    write_part(&store, &key("acme", "idle", "Patient", 0, 1))
+        .await
+        .unwrap();
+    assert!(
+        eventually(limit, || wal() == 0).await,
+        "WAL {} after a second write",
+        wal()
+    );
+    drop(store);
+    let fresh = SqliteOutputStore::open(&db, BASE).unwrap();
+    let again = read_part(&fresh, &key("acme", "idle", "Binary", 0, 1))
+        .await
+        .unwrap();
+    assert!(again == data);
+}
+
 async fn write_noise(store: &SqliteOutputStore, k: &ExportPartKey, data: &[u8]) {
     let mut w = store.open_writer(k).await.unwrap();
     for l in data.split_inclusive(|b| *b == b'\n') {

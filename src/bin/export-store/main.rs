@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+#[cfg(feature = "hfs")]
+mod hfs;
 mod ops;
 #[cfg(feature = "server")]
 mod serve;
@@ -27,6 +29,10 @@ enum Command {
     /// Serve parts over HTTP at HFS's download route.
     #[cfg(feature = "server")]
     Serve(serve::Args),
+    /// Run the Helios FHIR Server (HFS 0.2.7) with this store as its bulk
+    /// export and bulk submit output.
+    #[cfg(feature = "hfs")]
+    Hfs(hfs::Args),
     /// Delete staged parts whose writer is gone.
     Gc(ops::GcArgs),
     /// Check every finished part and the database's integrity (exit status
@@ -50,6 +56,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         #[cfg(feature = "server")]
         Command::Serve(a) => serve::run(a),
+        #[cfg(feature = "hfs")]
+        Command::Hfs(a) => hfs::run(a),
         Command::Gc(a) => ops::gc(a),
         Command::Verify(a) => ops::verify(a),
         Command::Bench(a) => bench::run(a),
@@ -60,5 +68,43 @@ fn main() -> ExitCode {
             eprintln!("export-store: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to standard error, at `RUST_LOG`'s levels (default `info`), in
+/// colour only on a terminal.
+#[cfg(feature = "server")]
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Resolves on Ctrl-C or, on Unix, SIGTERM.
+#[cfg(feature = "server")]
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

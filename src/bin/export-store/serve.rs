@@ -68,14 +68,7 @@ pub struct Args {
 /// Runs the command: serves until Ctrl-C or SIGTERM, then lets open
 /// downloads finish (a second signal stops at once).
 pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::init_logging();
     let mut file_grants = Vec::new();
     let files = [
         (TokenFile::Secrets, &args.token_files),
@@ -145,13 +138,13 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }));
         tokio::select! {
             r = &mut serving => return r?.map(|()| ExitCode::SUCCESS).map_err(Into::into),
-            () = signal() => {}
+            () = crate::signal() => {}
         }
         tracing::info!("shutting down: waiting for open downloads (signal again to stop now)");
         let _ = stop.send(());
         tokio::select! {
             r = serving => r??,
-            () = signal() => tracing::warn!("stopped with downloads still open"),
+            () = crate::signal() => tracing::warn!("stopped with downloads still open"),
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -299,29 +292,6 @@ fn warn_if_shared(flag: &str, path: &Path, file: &std::fs::File) {
 
 #[cfg(not(unix))]
 fn warn_if_shared(_flag: &str, _path: &Path, _file: &std::fs::File) {}
-
-/// Ctrl-C, or SIGTERM on Unix.
-async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
 
 #[cfg(test)]
 mod tests {
