@@ -691,7 +691,7 @@ async fn not_found_conflict_and_invalid_input_by_variant() {
 
     // Bad keys and arguments: 400, with our message.
     let mut bad = key(1, 1);
-    bad.file_type = "ndjson".into();
+    bad.file_type = "../output".into();
     let mut overlong = key(1, 1);
     overlong.resource_type = "X".repeat(ours::MAX_ID_BYTES + 1);
     for (what, result, needle) in [
