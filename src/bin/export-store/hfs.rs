@@ -48,7 +48,8 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
     /// HFS's public base URL, which starts every URL it hands out
-    /// (manifests, download URLs). Default: `http://{addr}`.
+    /// (manifests, download URLs). Default: `HFS_BASE_URL`, else
+    /// `http://{addr}`.
     #[arg(long, value_name = "URL")]
     base_url: Option<String>,
     /// HFS's data folder: its SQLite database of resources and job state
@@ -170,6 +171,7 @@ fn server_config(args: &Args, addr: SocketAddr) -> Result<ServerConfig, String> 
     config.base_url = args
         .base_url
         .clone()
+        .or_else(|| std::env::var("HFS_BASE_URL").ok())
         .unwrap_or_else(|| format!("http://{addr}"));
     config
         .normalize_public_base_url()
