@@ -4,7 +4,7 @@
 //! The trait decouples *where the exported bytes go* from the job-state
 //! backend: the job-state backend stores keys; the output store turns keys
 //! into bytes and URLs. The guarantees every implementation must give (and
-//! that [`crate::conformance`] checks, with the `conformance` feature):
+//! that [`crate::testkit::conformance`] checks, with the `conformance` feature):
 //!
 //! - nothing of a part is readable before `finalize_part` returns `Ok`, and
 //!   no client ever observes a partially written or mixed part;

@@ -35,35 +35,22 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod codec;
-mod compressor;
 mod contract;
-mod db;
-pub mod digest;
-#[cfg(feature = "server")]
-mod download;
 mod error;
-pub mod failpoint;
 #[cfg(feature = "helios")]
 pub mod helios;
 mod key;
-pub mod localfs;
-pub mod maintenance;
-mod options;
-mod reader;
-#[doc(hidden)]
-pub mod sample;
-pub mod schema;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod sql;
 mod store;
-pub mod synthetic;
-pub mod url;
-mod writer;
+mod testkit;
 
+pub use store::{codec, digest, failpoint, maintenance, schema, sql, url};
 #[cfg(feature = "conformance")]
-pub mod conformance;
+pub use testkit::conformance;
+#[doc(hidden)]
+pub use testkit::sample;
+pub use testkit::{localfs, synthetic};
 
 pub use contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
 pub use digest::{ContentDigest, DigestAlgorithm};
@@ -71,7 +58,7 @@ pub use error::{ErrorKind, StorageError, StorageResult};
 pub use key::{
     ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_FILE_TYPE_BYTES, MAX_ID_BYTES,
 };
-pub use options::{StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE};
+pub use store::options::{StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE};
 pub use store::{PartInfo, SqliteOutputStore};
 
 // The README's examples compile and run as doctests.

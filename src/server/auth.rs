@@ -4,7 +4,7 @@
 use axum::http::{header, HeaderMap};
 use sha2::{Digest, Sha256};
 
-use crate::url::{self, SignatureError};
+use crate::store::url::{self, SignatureError};
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -45,8 +45,18 @@
 //!   client holds no database connection.
 //! - **Logs**: one `tracing` event per response, when its body ends, with
 //!   request id, method, path, status, bytes sent, duration and outcome.
+//!
+//! In this folder: `mod.rs` (the router and [`ServerConfig`]), `route.rs`
+//! (the handlers), `download.rs` (a route resolved to a finished part and
+//! streamed: NDJSON, a byte range or the stored zstd frames, verified),
+//! `headers.rs` (encodings, ranges, conditionals), `auth.rs` (tokens and
+//! signed URLs), `outcome.rs` (`OperationOutcome` errors), `logging.rs`
+//! (one event per response) and `throughput.rs` ([`measure_throughput`]).
+//! The server uses the store's read path and the crate's contract; nothing
+//! else in the crate uses the server.
 
 mod auth;
+mod download;
 mod headers;
 mod logging;
 mod outcome;
@@ -60,10 +70,10 @@ use std::sync::Arc;
 use axum::routing::get;
 use axum::Router;
 
-use crate::download::Reads;
 use crate::error::{StorageError, StorageResult};
 use crate::key::check_id;
 use crate::SqliteOutputStore;
+use download::Reads;
 
 pub use throughput::{measure_throughput, Throughput, WireForm};
 

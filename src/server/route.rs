@@ -14,14 +14,14 @@ use percent_encoding::percent_decode_str;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::auth::Denied;
+use super::download::{self, ByteStream};
 use super::headers::{self, Coding, RangeAsk};
 use super::outcome::{no_part, outcome, storage_error};
 use super::App;
-use crate::download::{self, ByteStream};
 use crate::error::StorageError;
 use crate::key::check_id;
-use crate::sql::PartRow;
-use crate::url::route_path;
+use crate::store::sql::PartRow;
+use crate::store::url::route_path;
 
 const NDJSON: &str = "application/fhir+ndjson";
 

@@ -18,7 +18,7 @@ use super::{router, ServerConfig};
 use crate::contract::ExportOutputStore;
 use crate::error::{StorageError, StorageResult};
 use crate::key::ExportPartKey;
-use crate::url::route_path;
+use crate::store::url::route_path;
 use crate::SqliteOutputStore;
 
 const OP: &str = "measure_throughput";

@@ -6,7 +6,7 @@
 //! pooled connection taken and returned inside it, so a slow client holds no
 //! connection; fetches of all downloads share a semaphore sized to the read
 //! pool, and each download keeps at most `read_ahead` (but no more than
-//! [`DOWNLOAD_READ_AHEAD`](crate::options::DOWNLOAD_READ_AHEAD)) chunks ahead of its
+//! [`DOWNLOAD_READ_AHEAD`](crate::DOWNLOAD_READ_AHEAD)) chunks ahead of its
 //! consumer, so memory is bounded by a few chunks per download whatever the
 //! part's size. A stream ends in an error, never early and never with mixed
 //! data, when the part is deleted or replaced under it or a check fails: a
@@ -24,13 +24,13 @@ use futures::stream::{self, BoxStream, StreamExt};
 use r2d2_sqlite::SqliteConnectionManager;
 use tokio::sync::Semaphore;
 
-use crate::codec;
-use crate::db::read_blocking;
-use crate::digest::{hash_chunk, ChunkHash, ContentDigest, DigestAlgorithm, PartHasher};
 use crate::error::{from_sqlite, StorageError, StorageResult};
 use crate::key::{ExportJobId, ExportPartKey};
-use crate::reader::missing_chunk;
-use crate::sql::{self, ChunkRow, PartRow};
+use crate::store::codec;
+use crate::store::db::read_blocking;
+use crate::store::digest::{hash_chunk, ChunkHash, ContentDigest, DigestAlgorithm, PartHasher};
+use crate::store::reader::missing_chunk;
+use crate::store::sql::{self, ChunkRow, PartRow};
 use crate::SqliteOutputStore;
 
 type Pool = r2d2::Pool<SqliteConnectionManager>;
@@ -54,7 +54,7 @@ impl Reads {
         Reads {
             pool: store.db().pool(),
             permits: Arc::new(Semaphore::new(o.pool_size as usize)),
-            read_ahead: o.read_ahead.min(crate::options::DOWNLOAD_READ_AHEAD),
+            read_ahead: o.read_ahead.min(crate::store::options::DOWNLOAD_READ_AHEAD),
         }
     }
 

@@ -1,8 +1,40 @@
-//! [`SqliteOutputStore`]: the `ExportOutputStore` over one SQLite file.
+//! The store: [`SqliteOutputStore`], the `ExportOutputStore` over one
+//! SQLite file, and everything it is made of.
 //!
-//! Orchestration only: validation, then SQL from [`crate::sql`] run through
-//! the bridge in [`crate::db`], with writers and readers from
-//! [`crate::writer`] and [`crate::reader`].
+//! From the top down:
+//!
+//! - orchestration: this file (opening a store, and the trait's methods:
+//!   validation, then SQL from [`sql`] run through the bridge in [`db`],
+//!   with writers and readers from [`writer`] and [`reader`]) and
+//!   `maintenance.rs` (the operator's methods: reclaim, prune, verify,
+//!   space);
+//! - the streams: `writer.rs` (the staging `AsyncWrite`) and `reader.rs`
+//!   (the verifying `AsyncRead`);
+//! - the bridge: `db.rs` (the read pool and the writer thread: the one place
+//!   async callers meet blocking SQLite work) and `compressor.rs` (the chunk
+//!   workers, one per core);
+//! - synchronous SQLite: `sql.rs` (every statement) and `schema.rs`
+//!   (connection set-up, migrations);
+//! - plain values and bytes: `codec.rs` (chunk ⇄ zstd frame), `digest.rs`
+//!   (the content digest, chunk by chunk), `url.rs` (download URLs, signed
+//!   URLs), `options.rs` (`StoreOptions`), `failpoint.rs` (the crash-test
+//!   seam).
+//!
+//! The store uses the crate's contract (`contract.rs`, `key.rs`,
+//! `error.rs`) and nothing of the server, the test kit or the HFS adapter.
+
+pub mod codec;
+pub(crate) mod compressor;
+pub(crate) mod db;
+pub mod digest;
+pub mod failpoint;
+pub mod maintenance;
+pub(crate) mod options;
+pub(crate) mod reader;
+pub mod schema;
+pub mod sql;
+pub mod url;
+pub(crate) mod writer;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -15,16 +47,15 @@ use tokio::io::AsyncRead;
 use tokio::runtime::Handle;
 
 use crate::contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
-use crate::db::Db;
-use crate::digest::DigestAlgorithm;
 use crate::error::{from_sqlite, StorageError, StorageResult};
-use crate::failpoint;
 use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
-use crate::options::StoreOptions;
-use crate::reader::PartReader;
-use crate::sql::{self, PartRow, Publish};
-use crate::url::UrlMinter;
-use crate::writer::{check_opened_for, sink_address, PartSink, Registry, SinkConfig};
+use db::Db;
+use digest::DigestAlgorithm;
+use options::StoreOptions;
+use reader::PartReader;
+use sql::{PartRow, Publish};
+use url::UrlMinter;
+use writer::{check_opened_for, sink_address, PartSink, Registry, SinkConfig};
 
 /// What the store knows about a finished part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +131,7 @@ struct Core {
 ///   marks may take the file a few pages past the cap. Marks are kept
 ///   whatever the fencing option, and dropped by
 ///   [`reclaim_abandoned`](Self::reclaim_abandoned) once older than
-///   [`JOB_FENCE_MIN_AGE`](crate::maintenance::JOB_FENCE_MIN_AGE) (or the
+///   [`JOB_FENCE_MIN_AGE`](maintenance::JOB_FENCE_MIN_AGE) (or the
 ///   age it is given, if longer);
 /// - a reader returns the exact bytes written, or an error: never short or
 ///   mixed data;

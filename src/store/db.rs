@@ -1,0 +1,621 @@
+//! The one bridge between async callers and synchronous SQLite work.
+//!
+//! Reads run on Tokio's blocking pool with a connection from an r2d2 pool,
+//! taken and returned inside the blocking call, so no pooled connection is
+//! ever held across an `.await`. Writes go to one dedicated writer thread
+//! that owns the only write connection: writers of this store never contend
+//! for SQLite's lock among themselves, and chunk inserts that queue up are
+//! committed together in one transaction.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::options::StoreOptions;
+use super::{failpoint, schema, sql};
+use crate::error::{from_pool, from_sqlite, StorageError, StorageResult};
+
+/// Chunks committed together at most, and their frame bytes at most.
+const BATCH_CHUNKS: usize = 32;
+const BATCH_BYTES: usize = 8 << 20;
+/// Commands that may wait for the writer thread.
+const QUEUE_DEPTH: usize = 64;
+/// The size, in bytes, the write connection truncates the write-ahead log
+/// back to when it starts the log over after a checkpoint
+/// (`PRAGMA journal_size_limit`). SQLite checkpoints on its own once the
+/// log passes 1,000 pages (4 MiB at the store's page size), but a batch of
+/// chunks may add up to [`BATCH_BYTES`] in one transaction, and a reader
+/// holding an old snapshot keeps any checkpoint from catching up, so the
+/// log can grow well past that while parts are written; SQLite then reuses
+/// the `-wal` file from its start without ever making it smaller. With the
+/// limit, the first commit that starts the log over after a checkpoint
+/// caught up (a finalize, say) truncates the file back to this size, or to
+/// that commit's own frames if they are larger. Set to the autocheckpoint
+/// threshold, it leaves a log that stays below the threshold alone.
+const WAL_SIZE_LIMIT: i64 = 4 << 20;
+/// How long the writer thread waits without a command, after a write,
+/// before it checkpoints the write-ahead log and truncates it to nothing:
+/// a store that sits idle keeps all of its data in the database file and no
+/// megabytes of log beside it.
+const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
+
+type Call = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// One chunk to store, with where to send the outcome.
+pub(crate) struct ChunkInsert {
+    pub part_id: i64,
+    pub seq: u64,
+    pub raw_offset: u64,
+    pub raw_len: u64,
+    pub frame: Vec<u8>,
+    pub ack: oneshot::Sender<StorageResult<()>>,
+}
+
+/// A call that runs inside a savepoint of a shared durable transaction:
+/// `run` does the work and says whether to keep it; `finish` is told the
+/// outcome of the commit (and is called even if `run` never got to run).
+struct DurableCall {
+    run: Box<dyn FnOnce(&Connection) -> bool + Send>,
+    finish: Box<dyn FnOnce(Option<StorageError>) + Send>,
+}
+
+/// Durable calls committed together at most (one fsync for all of them).
+const GROUP_CALLS: usize = 64;
+
+enum Command {
+    Chunk(ChunkInsert),
+    Call(Call),
+    Durable(DurableCall),
+}
+
+/// The database: a read pool and the writer thread.
+pub(crate) struct Db {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    queue: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+    /// Staged parts whose writers were dropped; discarded by the writer
+    /// thread before its next command.
+    discards: std::sync::Arc<Mutex<Vec<i64>>>,
+    /// Set when deletes left free pages: the writer thread gives them back
+    /// in short steps whenever it has nothing else to do.
+    reclaim: std::sync::Arc<AtomicBool>,
+    /// The file's identity when it was opened, to notice it was removed or
+    /// replaced underneath the store (writes would go to a deleted file).
+    file: Option<(PathBuf, FileId)>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("pool", &self.pool.state())
+            .finish()
+    }
+}
+
+fn open_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `path`, then
+    /// starts the writer thread and the read pool.
+    pub fn open(path: &Path, options: &StoreOptions) -> StorageResult<Db> {
+        let op = "open";
+        let busy = options.busy_timeout;
+        let mut conn =
+            Connection::open_with_flags(path, open_flags()).map_err(|e| from_sqlite(op, e))?;
+        // SQLite quietly opens a write-protected file read-only; the store
+        // must write, so it says so now rather than at the first export.
+        if conn
+            .is_readonly(rusqlite::DatabaseName::Main)
+            .map_err(|e| from_sqlite(op, e))?
+        {
+            return Err(StorageError::internal(
+                op,
+                "the database file is read-only (check its permissions and file system)",
+            ));
+        }
+        schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
+        // This is the store's only connection that writes, so the only one
+        // that starts the log over and truncates it: the read pool needs no
+        // limit.
+        conn.pragma_update_and_check(None, "journal_size_limit", WAL_SIZE_LIMIT, |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(|e| from_sqlite(op, e))?;
+        schema::prepare(&mut conn)?;
+        schema::limit_size(&conn, options.max_database_size).map_err(|e| from_sqlite(op, e))?;
+        // Free pages left by a reclamation that a crash interrupted.
+        let (_, _, free) = sql::pages(&conn).map_err(|e| from_sqlite(op, e))?;
+        let reclaim = std::sync::Arc::new(AtomicBool::new(free > 0));
+
+        // Read connections never create the file: one that vanished must not
+        // come back empty under the store.
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(open_flags() - OpenFlags::SQLITE_OPEN_CREATE)
+            .with_init(move |c| schema::configure(c, busy));
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(busy.max(Duration::from_secs(1)) * 2)
+            .build(manager)
+            .map_err(|e| from_pool(op, e))?;
+
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let discards = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let staging_retry = options.staging_retry;
+        let thread_discards = discards.clone();
+        let thread_reclaim = reclaim.clone();
+        let thread = std::thread::Builder::new()
+            .name("export-store-writer".into())
+            .spawn(move || writer_thread(conn, rx, thread_discards, thread_reclaim, staging_retry))
+            .map_err(|e| {
+                StorageError::internal(op, "cannot start the writer thread").with_source(e)
+            })?;
+        Ok(Db {
+            pool,
+            queue: Some(tx),
+            thread: Some(thread),
+            discards,
+            reclaim,
+            file: file_id(path).map(|id| (path.to_path_buf(), id)),
+        })
+    }
+
+    /// Fails if the database file was removed or replaced since it was
+    /// opened: the store's connections would go on using the old file.
+    fn check_file(&self, op: &'static str) -> StorageResult<()> {
+        match &self.file {
+            Some((path, id)) if file_id(path).as_ref() != Some(id) => Err(StorageError::internal(
+                op,
+                "the database file was removed or replaced while the store was open; \
+                 reopen the store",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `f` with a pooled connection on the blocking pool.
+    pub async fn read<T, F>(&self, op: &'static str, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
+        self.check_file(op)?;
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || read_blocking(&pool, op, f))
+            .await
+            .map_err(|e| join_error(op, e))?
+    }
+
+    /// A clone of the read pool, for blocking tasks that read on their own.
+    pub fn pool(&self) -> r2d2::Pool<SqliteConnectionManager> {
+        self.pool.clone()
+    }
+
+    /// Runs `f` on the writer thread with the write connection.
+    pub async fn write<T, F>(&self, op: &'static str, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StorageResult<T> + Send + 'static,
+    {
+        self.check_file(op)?;
+        let (ack, done) = oneshot::channel();
+        let call: Call = Box::new(move |c| {
+            let _ = ack.send(f(c));
+        });
+        self.sender(op)?
+            .send(Command::Call(call))
+            .await
+            .map_err(|_| writer_gone(op))?;
+        done.await.map_err(|_| writer_gone(op))?
+    }
+
+    /// Runs `f` on the writer thread inside a transaction whose commit
+    /// reaches the disk before this returns `Ok`. Durable calls that queue up
+    /// together share one transaction and one fsync (group commit); each
+    /// runs in its own savepoint, so an `Err` from one rolls back only its
+    /// own work. A failed commit fails every call of the group.
+    pub async fn write_durable<T, F>(&self, op: &'static str, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
+        self.check_file(op)?;
+        let (ack, done) = oneshot::channel();
+        let slot = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        let call = DurableCall {
+            run: Box::new(move |c| {
+                let r = f(c);
+                let keep = r.is_ok();
+                *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                keep
+            }),
+            finish: Box::new(move |commit_error| {
+                let ran = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let _ = ack.send(match (ran, commit_error) {
+                    (Some(Err(e)), _) => Err(e),
+                    (_, Some(e)) => Err(e),
+                    (Some(Ok(v)), None) => Ok(v),
+                    (None, None) => Err(StorageError::internal(op, "the call did not run")),
+                });
+            }),
+        };
+        self.sender(op)?
+            .send(Command::Durable(call))
+            .await
+            .map_err(|_| writer_gone(op))?;
+        done.await.map_err(|_| writer_gone(op))?
+    }
+
+    /// Queues one chunk for the writer thread without ever blocking the
+    /// caller (a compression worker shared by every store of the process),
+    /// and returns where the outcome of storing it will arrive: the caller
+    /// goes on compressing while SQLite stores (and checkpoints). When the
+    /// queue is full (this store's writer thread is slow: a checkpoint, a
+    /// database locked by another process), the chunk waits for room on
+    /// `runtime`'s blocking pool instead, so one slow store never holds the
+    /// workers that other stores' chunks need. Its outcome arrives the same
+    /// way; if the writer thread is gone meanwhile, the receiver closes.
+    pub fn queue_chunk(
+        &self,
+        insert: ChunkInsertArgs,
+        runtime: &tokio::runtime::Handle,
+    ) -> StorageResult<oneshot::Receiver<StorageResult<()>>> {
+        let op = "write_chunk";
+        let (ack, done) = oneshot::channel();
+        let cmd = Command::Chunk(ChunkInsert {
+            part_id: insert.part_id,
+            seq: insert.seq,
+            raw_offset: insert.raw_offset,
+            raw_len: insert.raw_len,
+            frame: insert.frame,
+            ack,
+        });
+        let queue = self.sender(op)?;
+        match queue.try_send(cmd) {
+            Ok(()) => Ok(done),
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                let queue = queue.clone();
+                runtime.spawn_blocking(move || {
+                    // A closed queue drops the chunk and its ack: the writer
+                    // sees the writer thread gone.
+                    let _ = queue.blocking_send(cmd);
+                });
+                Ok(done)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(writer_gone(op)),
+        }
+    }
+
+    /// Asks the writer thread to discard a staged part soon, without
+    /// waiting (used from `Drop`).
+    pub fn discard_later(&self, part_id: i64) {
+        if let Ok(mut d) = self.discards.lock() {
+            d.push(part_id);
+        }
+        // Wake the thread if it is idle; a full queue will get to it anyway.
+        if let Some(q) = &self.queue {
+            let _ = q.try_send(Command::Call(Box::new(|_| {})));
+        }
+    }
+
+    /// Asks the writer thread to give free pages back to the file system in
+    /// short steps when it is idle (see [`super::maintenance`]), without
+    /// waiting. Writes keep priority: each step is one short transaction.
+    pub fn reclaim_space_soon(&self) {
+        self.reclaim.store(true, Ordering::SeqCst);
+        if let Some(q) = &self.queue {
+            let _ = q.try_send(Command::Call(Box::new(|_| {})));
+        }
+    }
+
+    fn sender(&self, op: &'static str) -> StorageResult<&mpsc::Sender<Command>> {
+        self.queue.as_ref().ok_or_else(|| writer_gone(op))
+    }
+}
+
+/// The fields of a chunk to stage (the ack channel is made by [`Db`]).
+pub(crate) struct ChunkInsertArgs {
+    pub part_id: i64,
+    pub seq: u64,
+    pub raw_offset: u64,
+    pub raw_len: u64,
+    pub frame: Vec<u8>,
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        // Closing the queue lets the thread finish what is queued and exit.
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs `f` with a pooled connection on the current (blocking) thread.
+pub(crate) fn read_blocking<T>(
+    pool: &r2d2::Pool<SqliteConnectionManager>,
+    op: &'static str,
+    f: impl FnOnce(&Connection) -> StorageResult<T>,
+) -> StorageResult<T> {
+    let conn = pool.get().map_err(|e| from_pool(op, e))?;
+    f(&conn)
+}
+
+/// A file's device and inode (where the platform has them).
+type FileId = (u64, u64);
+
+#[cfg(unix)]
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_path: &Path) -> Option<FileId> {
+    None
+}
+
+fn writer_gone(op: &'static str) -> StorageError {
+    StorageError::internal(op, "the store's writer has shut down")
+}
+
+fn join_error(op: &'static str, e: tokio::task::JoinError) -> StorageError {
+    if e.is_cancelled() {
+        StorageError::unavailable(op, "the runtime is shutting down")
+    } else {
+        StorageError::internal(op, "a storage task panicked")
+    }
+}
+
+fn writer_thread(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    discards: std::sync::Arc<Mutex<Vec<i64>>>,
+    reclaim: std::sync::Arc<AtomicBool>,
+    staging_retry: Duration,
+) {
+    use mpsc::error::TryRecvError;
+    // A clock for waiting on the queue with a timeout; without one (it
+    // could not start) the log is only truncated by SQLite's own limit.
+    let clock = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .ok();
+    let mut wal_written = false;
+    let mut next: Option<Command> = None;
+    loop {
+        let cmd = match next.take() {
+            Some(c) => c,
+            None => match rx.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty) if reclaim.load(Ordering::SeqCst) => {
+                    if !super::maintenance::idle_vacuum_step(&conn) {
+                        reclaim.store(false, Ordering::SeqCst);
+                    }
+                    wal_written = true;
+                    continue;
+                }
+                Err(TryRecvError::Empty) => {
+                    let received = match &clock {
+                        Some(clock) if wal_written => clock.block_on(async {
+                            tokio::time::timeout(IDLE_TRUNCATE_AFTER, rx.recv()).await
+                        }),
+                        _ => Ok(rx.blocking_recv()),
+                    };
+                    match received {
+                        Ok(Some(c)) => c,
+                        Ok(None) => break,
+                        Err(_idle) => {
+                            // Readers still on an old snapshot keep the log;
+                            // the next idle spell tries again.
+                            wal_written = !sql::truncate_wal_now(&conn);
+                            continue;
+                        }
+                    }
+                }
+                Err(TryRecvError::Disconnected) => break,
+            },
+        };
+        wal_written = true;
+        discard_dropped(&conn, &discards);
+        match cmd {
+            Command::Call(f) => {
+                // A panicking call drops its ack, which its caller reports;
+                // the thread goes on serving everyone else.
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut conn)));
+            }
+            Command::Durable(first) => {
+                let mut group = vec![first];
+                while group.len() < GROUP_CALLS {
+                    match rx.try_recv() {
+                        Ok(Command::Durable(c)) => group.push(c),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit_durable(&mut conn, group);
+            }
+            Command::Chunk(first) => {
+                let mut bytes = first.frame.len();
+                let mut batch = vec![first];
+                while batch.len() < BATCH_CHUNKS && bytes < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(Command::Chunk(c)) => {
+                            bytes += c.frame.len();
+                            batch.push(c);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                insert_batch(&mut conn, batch, staging_retry);
+            }
+        }
+    }
+    discard_dropped(&conn, &discards);
+}
+
+/// Runs a group of durable calls in one transaction committed with
+/// `synchronous = FULL`, each in its own savepoint, then tells each call the
+/// commit's outcome.
+fn commit_durable(conn: &mut Connection, group: Vec<DurableCall>) {
+    let op = "commit";
+    let (runs, finishes): (Vec<_>, Vec<_>) = group.into_iter().map(|c| (c.run, c.finish)).unzip();
+    let outcome = (|| -> Result<(), StorageError> {
+        let sql = |e| from_sqlite(op, e);
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        for run in runs {
+            tx.execute_batch("SAVEPOINT durable_call").map_err(sql)?;
+            // A panicking call keeps nothing; its finish reports it.
+            let keep = std::panic::catch_unwind(AssertUnwindSafe(|| run(&tx))).unwrap_or(false);
+            let end = if keep {
+                "RELEASE durable_call"
+            } else {
+                "ROLLBACK TO durable_call; RELEASE durable_call"
+            };
+            tx.execute_batch(end).map_err(sql)?;
+        }
+        failpoint::hit("finalize.before_commit");
+        tx.commit().map_err(sql)?;
+        failpoint::hit("finalize.after_commit");
+        Ok(())
+    })();
+    // Back to cheap commits for chunks; a failure here only costs speed.
+    let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+    for finish in finishes {
+        let e = outcome
+            .as_ref()
+            .err()
+            .map(|e| StorageError::new(e.kind(), e.operation(), e.message().to_string()));
+        finish(e);
+    }
+}
+
+fn discard_dropped(conn: &Connection, discards: &Mutex<Vec<i64>>) {
+    let ids = match discards.lock() {
+        Ok(mut d) if !d.is_empty() => std::mem::take(&mut *d),
+        _ => return,
+    };
+    for id in ids {
+        // Best effort: a discard that fails leaves staging for reclaim.
+        let _ = sql::discard_staged_by_id(conn, id);
+    }
+}
+
+/// Commits a batch of chunks in one transaction, retrying while the
+/// database is busy (another process holds the lock) until `retry_for` has
+/// passed. Chunks of parts that were discarded or finished meanwhile are
+/// answered "not found" without failing the rest.
+fn insert_batch(conn: &mut Connection, batch: Vec<ChunkInsert>, retry_for: Duration) {
+    let op = "write_chunk";
+    let deadline = Instant::now() + retry_for;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match try_insert_batch(conn, &batch) {
+            Ok(outcomes) => {
+                for (c, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = c.ack.send(outcome);
+                }
+                return;
+            }
+            Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+            Err(e) => {
+                let busy = is_busy(&e);
+                let shown = from_sqlite(op, e);
+                for c in batch {
+                    let err = if busy {
+                        StorageError::unavailable(
+                            op,
+                            "the database stayed busy; the part cannot be finalized",
+                        )
+                    } else {
+                        StorageError::new(shown.kind(), op, shown.message().to_string())
+                    };
+                    let _ = c.ack.send(Err(err));
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn try_insert_batch(
+    conn: &mut Connection,
+    batch: &[ChunkInsert],
+) -> rusqlite::Result<Vec<StorageResult<()>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut states: HashMap<i64, Option<bool>> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for c in batch {
+        let state = match states.get(&c.part_id) {
+            Some(s) => *s,
+            None => {
+                let s = sql::part_state(&tx, c.part_id)?;
+                states.insert(c.part_id, s);
+                s
+            }
+        };
+        outcomes.push(match state {
+            Some(false) => {
+                sql::insert_chunk(&tx, c.part_id, c.seq, c.raw_offset, c.raw_len, &c.frame)?;
+                failpoint::hit("writer.chunk.inserted");
+                Ok(())
+            }
+            Some(true) => Err(StorageError::invalid(
+                "write_chunk",
+                "the part was already finalized",
+            )),
+            None => Err(StorageError::not_found(
+                "write_chunk",
+                "the staged part was deleted or superseded while it was being written",
+            )),
+        });
+    }
+    // The staged parts that received chunks are active now: reclaiming
+    // abandoned staging (possibly from another process) ages parts by this.
+    let now = super::now_ms();
+    for (id, state) in &states {
+        if *state == Some(false) {
+            sql::touch_staged(&tx, *id, now)?;
+        }
+    }
+    failpoint::hit("writer.batch.before_commit");
+    tx.commit()?;
+    failpoint::hit("writer.batch.after_commit");
+    Ok(outcomes)
+}

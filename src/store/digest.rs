@@ -1,0 +1,453 @@
+//! Content digests of parts.
+//!
+//! The store records the BLAKE3 hash of a part's NDJSON: a cryptographic
+//! digest that `b3sum part.ndjson` reproduces, and, being a tree hash, one
+//! that can be computed chunk by chunk on whichever core compresses (or
+//! decompresses) the chunk, then combined in order at almost no cost. Each
+//! chunk of a part but the last holds the same power-of-two number of bytes
+//! (at least 1 KiB) and starts at a multiple of it, so each is a complete
+//! BLAKE3 subtree: its chaining value is computed beside its zstd frame,
+//! while the data is in the cache, and the part's hasher merges the values as
+//! BLAKE3's own incremental hasher would. Nothing then hashes the part on
+//! the producer's or the consumer's thread. (Measured on this crate's
+//! development machine: SHA-256 with the CPU's SHA extensions runs at about
+//! 1.75 GB/s, BLAKE3 at about 6 GB/s per core on 1 MiB chunks; SHA-256 on
+//! the producer's thread took a third of the CPU of a write.)
+//!
+//! Parts finished before schema version 2 carry SHA-256 digests; they are
+//! verified with SHA-256, sequentially. A part whose chunk size is not a
+//! power of two (a store option) is hashed sequentially too; its digest is
+//! the same BLAKE3 hash.
+
+use blake3::hazmat::{
+    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
+use sha2::{Digest as _, Sha256};
+
+use super::codec::to_hex;
+use crate::error::{StorageError, StorageResult};
+
+/// The algorithm of a part's content digest ([`PartInfo::digest`](crate::PartInfo)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DigestAlgorithm {
+    /// BLAKE3 (32 bytes): what the store records for every part it
+    /// finishes.
+    Blake3,
+    /// SHA-256: parts finished by versions of the store before schema 2.
+    Sha256,
+}
+
+impl DigestAlgorithm {
+    /// The algorithm the store records for the parts it finishes.
+    pub const CURRENT: DigestAlgorithm = DigestAlgorithm::Blake3;
+
+    /// The name stored in the database and shown in reports: `blake3` or
+    /// `sha256`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Blake3 => "blake3",
+            DigestAlgorithm::Sha256 => "sha256",
+        }
+    }
+
+    /// The algorithm named by [`as_str`](Self::as_str), if any.
+    pub fn from_name(name: &str) -> Option<DigestAlgorithm> {
+        match name {
+            "blake3" => Some(DigestAlgorithm::Blake3),
+            "sha256" => Some(DigestAlgorithm::Sha256),
+            _ => None,
+        }
+    }
+
+    /// The algorithm's usual written name (`BLAKE3`, `SHA-256`), for
+    /// messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Blake3 => "BLAKE3",
+            DigestAlgorithm::Sha256 => "SHA-256",
+        }
+    }
+}
+
+impl std::fmt::Display for DigestAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A content digest computed over bytes fed in order.
+#[derive(Clone)]
+pub struct ContentDigest(Inner);
+
+#[derive(Clone)]
+enum Inner {
+    Blake3(Box<blake3::Hasher>),
+    Sha256(Sha256),
+}
+
+impl Default for ContentDigest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ContentDigest {
+    /// A digest of nothing yet, in the algorithm the store records
+    /// ([`DigestAlgorithm::CURRENT`]).
+    pub fn new() -> Self {
+        Self::of(DigestAlgorithm::CURRENT)
+    }
+
+    /// A digest of nothing yet, in `algorithm`.
+    pub fn of(algorithm: DigestAlgorithm) -> Self {
+        ContentDigest(match algorithm {
+            DigestAlgorithm::Blake3 => Inner::Blake3(Box::default()),
+            DigestAlgorithm::Sha256 => Inner::Sha256(Sha256::new()),
+        })
+    }
+
+    /// The algorithm.
+    pub fn algorithm(&self) -> DigestAlgorithm {
+        match &self.0 {
+            Inner::Blake3(_) => DigestAlgorithm::Blake3,
+            Inner::Sha256(_) => DigestAlgorithm::Sha256,
+        }
+    }
+
+    /// Adds bytes, in content order.
+    pub fn update(&mut self, bytes: &[u8]) {
+        match &mut self.0 {
+            Inner::Blake3(h) => {
+                h.update(bytes);
+            }
+            Inner::Sha256(h) => h.update(bytes),
+        }
+    }
+
+    /// The digest as lowercase hex (64 characters for both algorithms).
+    pub fn finish_hex(self) -> String {
+        match self.0 {
+            Inner::Blake3(h) => h.finalize().to_hex().to_string(),
+            Inner::Sha256(h) => to_hex(&h.finalize()),
+        }
+    }
+
+    /// The lowercase hex digest of `bytes`.
+    pub fn hex_of(algorithm: DigestAlgorithm, bytes: &[u8]) -> String {
+        let mut d = Self::of(algorithm);
+        d.update(bytes);
+        d.finish_hex()
+    }
+}
+
+impl std::fmt::Debug for ContentDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ContentDigest")
+            .field(&self.algorithm())
+            .finish()
+    }
+}
+
+/// BLAKE3's chunk: subtrees are whole numbers of these.
+const TREE_CHUNK: u64 = blake3::CHUNK_LEN as u64;
+
+/// Whether chunks of `chunk_size` bytes are each a complete BLAKE3 subtree
+/// (a power of two of at least 1 KiB), so they can be hashed apart.
+pub(crate) fn tree_compatible(chunk_size: usize) -> bool {
+    chunk_size.is_power_of_two() && chunk_size as u64 >= TREE_CHUNK
+}
+
+/// What one chunk contributes to its part's digest, computed where the
+/// chunk is compressed or decompressed. Empty when the chunk cannot be
+/// hashed apart (SHA-256, or a chunk that is not a BLAKE3 subtree): the
+/// part is then hashed in order by [`PartHasher`].
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ChunkHash {
+    /// The chunk's chaining value, as a subtree at its offset.
+    cv: Option<ChainingValue>,
+    /// For the first chunk: the part's digest if it is the only chunk.
+    alone: Option<blake3::Hash>,
+}
+
+/// Hashes one chunk that starts at `raw_offset` of its part, if it can be
+/// hashed apart: `algorithm` is BLAKE3 and the chunk is a complete subtree
+/// there (the first chunk: a power of two of at least 1 KiB; a later one:
+/// starts at a multiple of 1 KiB, and fits the largest subtree starting
+/// there). Never panics on odd offsets or lengths (stored rows may be
+/// damaged); such a chunk simply contributes nothing.
+pub(crate) fn hash_chunk(algorithm: DigestAlgorithm, raw_offset: u64, bytes: &[u8]) -> ChunkHash {
+    if algorithm != DigestAlgorithm::Blake3 {
+        return ChunkHash::default();
+    }
+    let len = bytes.len() as u64;
+    if raw_offset == 0 {
+        if !tree_compatible(bytes.len()) {
+            return ChunkHash::default();
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(bytes);
+        return ChunkHash {
+            cv: Some(h.finalize_non_root()),
+            alone: Some(h.finalize()),
+        };
+    }
+    if len == 0 || !raw_offset.is_multiple_of(TREE_CHUNK) {
+        return ChunkHash::default();
+    }
+    // The largest subtree that can start at this offset.
+    let room = TREE_CHUNK
+        .checked_shl((raw_offset / TREE_CHUNK).trailing_zeros())
+        .unwrap_or(u64::MAX);
+    if len > room {
+        return ChunkHash::default();
+    }
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(raw_offset);
+    h.update(bytes);
+    ChunkHash {
+        cv: Some(h.finalize_non_root()),
+        alone: None,
+    }
+}
+
+/// Combines a part's chunks, in content order, into its digest: from their
+/// [`ChunkHash`]es when the part's chunks are BLAKE3 subtrees of one size,
+/// otherwise by hashing their bytes in order.
+#[derive(Debug)]
+pub(crate) struct PartHasher {
+    algorithm: DigestAlgorithm,
+    mode: HashMode,
+    chunks: u64,
+}
+
+#[derive(Debug)]
+enum HashMode {
+    /// No chunk yet.
+    Start,
+    /// Chunks hashed apart, each `unit` bytes but the last.
+    Tree {
+        unit: u64,
+        /// Chaining values of complete subtrees, merged as BLAKE3's
+        /// incremental hasher merges them.
+        stack: Vec<ChainingValue>,
+        /// The latest chunk: merged once another follows it.
+        last: (ChainingValue, u64),
+        alone: Option<blake3::Hash>,
+    },
+    /// Bytes hashed in order, here.
+    Sequential(ContentDigest),
+}
+
+impl PartHasher {
+    /// A hasher for a part recorded with `algorithm`.
+    pub fn new(algorithm: DigestAlgorithm) -> Self {
+        PartHasher {
+            algorithm,
+            mode: HashMode::Start,
+            chunks: 0,
+        }
+    }
+
+    /// Adds the next chunk: its bytes (hashed here only if the part is not
+    /// hashed as a tree) and what [`hash_chunk`] made of them. Fails as
+    /// corrupt if a part hashed as a tree stops being laid out as one (a
+    /// chunk before the last that is not as long as the first, or a chunk
+    /// that is not a subtree): the store never writes such a part.
+    pub fn push(&mut self, bytes: &[u8], hash: ChunkHash) -> StorageResult<()> {
+        let len = bytes.len() as u64;
+        self.chunks += 1;
+        match &mut self.mode {
+            HashMode::Start => match (hash.cv, hash.alone) {
+                (Some(cv), alone) => {
+                    self.mode = HashMode::Tree {
+                        unit: len,
+                        stack: Vec::new(),
+                        last: (cv, len),
+                        alone,
+                    };
+                }
+                _ => {
+                    let mut d = ContentDigest::of(self.algorithm);
+                    d.update(bytes);
+                    self.mode = HashMode::Sequential(d);
+                }
+            },
+            HashMode::Sequential(d) => d.update(bytes),
+            HashMode::Tree {
+                unit, stack, last, ..
+            } => {
+                let (Some(cv), true, true) = (hash.cv, last.1 == *unit, len <= *unit) else {
+                    return Err(StorageError::corrupt(
+                        "digest",
+                        format!(
+                            "chunk {} of the part does not continue its chunk layout \
+                             ({} bytes after a chunk of {} where chunks hold {})",
+                            self.chunks - 1,
+                            len,
+                            last.1,
+                            unit
+                        ),
+                    ));
+                };
+                // The previous chunk is now known not to be the last: merge
+                // every subtree it completes. `done` counts the complete
+                // units so far, the previous one included.
+                let mut left = std::mem::replace(last, (cv, len)).0;
+                let mut done = self.chunks - 1;
+                while done & 1 == 0 {
+                    let sibling = stack.pop().expect("a left sibling for every even count");
+                    left = merge_subtrees_non_root(&sibling, &left, Mode::Hash);
+                    done >>= 1;
+                }
+                stack.push(left);
+            }
+        }
+        Ok(())
+    }
+
+    /// The part's digest, lowercase hex.
+    pub fn finish_hex(self) -> String {
+        match self.mode {
+            HashMode::Start => ContentDigest::of(self.algorithm).finish_hex(),
+            HashMode::Sequential(d) => d.finish_hex(),
+            HashMode::Tree {
+                mut stack,
+                last,
+                alone,
+                ..
+            } => {
+                if stack.is_empty() {
+                    return alone
+                        .expect("the first chunk's task computes its lone digest")
+                        .to_hex()
+                        .to_string();
+                }
+                let mut right = last.0;
+                while let Some(left) = stack.pop() {
+                    if stack.is_empty() {
+                        return merge_subtrees_root(&left, &right, Mode::Hash)
+                            .to_hex()
+                            .to_string();
+                    }
+                    right = merge_subtrees_non_root(&left, &right, Mode::Hash);
+                }
+                unreachable!("the loop returns at the bottom of the stack")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(n: usize) -> Vec<u8> {
+        // Not periodic, so a misplaced subtree changes the hash.
+        let mut x = 0x9e37_79b9_u32;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn by_chunks(alg: DigestAlgorithm, data: &[u8], chunk: usize) -> String {
+        let mut h = PartHasher::new(alg);
+        for (i, c) in data.chunks(chunk).enumerate() {
+            h.push(c, hash_chunk(alg, (i * chunk) as u64, c)).unwrap();
+        }
+        h.finish_hex()
+    }
+
+    #[test]
+    fn chunked_blake3_is_the_plain_blake3_of_the_content() {
+        let data = bytes(40 * 4096 + 7);
+        for chunk in [1024, 2048, 4096, 1000, 3072, 4095, 5000] {
+            for n in [
+                0,
+                1,
+                1023,
+                1024,
+                1025,
+                chunk - 1,
+                chunk,
+                chunk + 1,
+                2 * chunk,
+                3 * chunk,
+                3 * chunk + 5,
+                4 * chunk,
+                5 * chunk - 1,
+                7 * chunk,
+                8 * chunk,
+                9 * chunk + 100,
+                16 * chunk,
+                17 * chunk,
+                31 * chunk + 1,
+            ] {
+                let n = n.min(data.len());
+                assert_eq!(
+                    by_chunks(DigestAlgorithm::Blake3, &data[..n], chunk),
+                    blake3::hash(&data[..n]).to_hex().to_string(),
+                    "{n} bytes in chunks of {chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sha256_parts_are_hashed_in_order() {
+        let data = bytes(10_000);
+        let want = ContentDigest::hex_of(DigestAlgorithm::Sha256, &data);
+        assert_eq!(by_chunks(DigestAlgorithm::Sha256, &data, 1024), want);
+        assert_eq!(
+            want,
+            to_hex(&Sha256::digest(&data)),
+            "the SHA-256 digest is plain SHA-256"
+        );
+        assert_eq!(
+            ContentDigest::hex_of(DigestAlgorithm::Sha256, b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn a_broken_layout_is_corrupt_never_a_panic_or_a_wrong_digest() {
+        let data = bytes(8192);
+        let alg = DigestAlgorithm::Blake3;
+        // A short chunk in the middle.
+        let mut h = PartHasher::new(alg);
+        h.push(&data[..2048], hash_chunk(alg, 0, &data[..2048]))
+            .unwrap();
+        h.push(&data[2048..3000], hash_chunk(alg, 2048, &data[2048..3000]))
+            .unwrap();
+        let e = h
+            .push(&data[3000..4000], hash_chunk(alg, 3000, &data[3000..4000]))
+            .unwrap_err();
+        assert!(e.is_corrupt(), "{e}");
+        // A chunk too long for its place, and odd offsets: no hash, no panic.
+        for (offset, len) in [(1024, 2048), (3000, 1024), (2048, 4096), (3072, 2048)] {
+            let c = hash_chunk(alg, offset, &data[..len]);
+            assert!(c.cv.is_none(), "{offset}+{len}");
+        }
+        let mut h = PartHasher::new(alg);
+        h.push(&data[..1024], hash_chunk(alg, 0, &data[..1024]))
+            .unwrap();
+        let e = h
+            .push(&data[1024..3072], hash_chunk(alg, 1024, &data[1024..3072]))
+            .unwrap_err();
+        assert!(e.is_corrupt(), "{e}");
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for a in [DigestAlgorithm::Blake3, DigestAlgorithm::Sha256] {
+            assert_eq!(DigestAlgorithm::from_name(a.as_str()), Some(a));
+        }
+        assert_eq!(DigestAlgorithm::from_name("md5"), None);
+        assert_eq!(ContentDigest::new().algorithm(), DigestAlgorithm::Blake3);
+    }
+}

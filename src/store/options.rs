@@ -1,0 +1,223 @@
+//! Settings of a [`SqliteOutputStore`](super::SqliteOutputStore).
+
+use std::time::Duration;
+
+use crate::error::{StorageError, StorageResult};
+
+/// The default raw (uncompressed) size of one chunk: 1 MiB. Measured on the
+/// Synthea sample: 14.6× compression at 1 MiB versus 8.9× at 64 KiB, and a
+/// 1 MiB zstd window is safe for HTTP clients.
+pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
+
+/// The largest chunk size accepted: 64 MiB (a chunk is held in memory a few
+/// times over while it is compressed and stored).
+pub const MAX_CHUNK_SIZE: usize = 64 << 20;
+
+/// Chunks one download keeps ahead of its client at most, whatever
+/// [`StoreOptions::with_read_ahead`] says.
+pub const DOWNLOAD_READ_AHEAD: usize = 2;
+
+/// Options for opening a store. Build with [`StoreOptions::default`] and the
+/// `with_*` methods; [`SqliteOutputStore::open_with`](super::SqliteOutputStore::open_with)
+/// checks them and answers invalid input for values it cannot honour.
+#[derive(Clone)]
+pub struct StoreOptions {
+    pub(crate) chunk_size: usize,
+    pub(crate) compression_level: i32,
+    pub(crate) pool_size: u32,
+    pub(crate) access_token_required: bool,
+    pub(crate) fencing: bool,
+    pub(crate) busy_timeout: Duration,
+    pub(crate) staging_retry: Duration,
+    pub(crate) in_flight_chunks: usize,
+    pub(crate) read_ahead: usize,
+    pub(crate) signing_key: Option<Vec<u8>>,
+    pub(crate) max_database_size: Option<u64>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression_level: 3,
+            pool_size: 8,
+            access_token_required: true,
+            fencing: true,
+            busy_timeout: Duration::from_secs(5),
+            staging_retry: Duration::from_secs(60),
+            in_flight_chunks: 2,
+            read_ahead: 4,
+            signing_key: None,
+            max_database_size: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("chunk_size", &self.chunk_size)
+            .field("compression_level", &self.compression_level)
+            .field("pool_size", &self.pool_size)
+            .field("access_token_required", &self.access_token_required)
+            .field("fencing", &self.fencing)
+            .field("busy_timeout", &self.busy_timeout)
+            .field("staging_retry", &self.staging_retry)
+            .field("in_flight_chunks", &self.in_flight_chunks)
+            .field("read_ahead", &self.read_ahead)
+            .field("signing_key", &self.signing_key.as_ref().map(|_| "<set>"))
+            .field("max_database_size", &self.max_database_size)
+            .finish()
+    }
+}
+
+impl StoreOptions {
+    /// Raw NDJSON bytes per chunk (one zstd frame, one row). Default 1 MiB;
+    /// 1 byte to [`MAX_CHUNK_SIZE`].
+    pub fn with_chunk_size(mut self, bytes: usize) -> Self {
+        self.chunk_size = bytes;
+        self
+    }
+    /// zstd compression level, any level zstd knows (negative "fast" levels
+    /// through 22). Default 3.
+    pub fn with_compression_level(mut self, level: i32) -> Self {
+        self.compression_level = level;
+        self
+    }
+    /// Connections in the read pool (writes use one dedicated connection).
+    /// Default 8; at least 1.
+    pub fn with_pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+    /// What `download_url` advertises as `requires_access_token` for
+    /// HFS-served URLs. Default `true`.
+    pub fn with_access_token_required(mut self, required: bool) -> Self {
+        self.access_token_required = required;
+        self
+    }
+    /// Store-side fencing: refuse to open or finalize a part when a part in
+    /// the same slot carries a higher token. Default on; turn off only for a
+    /// caller whose tokens do not grow per claim.
+    pub fn with_fencing(mut self, on: bool) -> Self {
+        self.fencing = on;
+        self
+    }
+    /// How long one SQLite call waits for a lock before it reports busy.
+    /// Default 5 s.
+    pub fn with_busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+    /// How long staging a chunk keeps retrying a busy database before the
+    /// failure is deferred to `finalize_part` (as unavailable). Default 60 s.
+    pub fn with_staging_retry(mut self, timeout: Duration) -> Self {
+        self.staging_retry = timeout;
+        self
+    }
+    /// Chunks one writer may have in compression at once before it applies
+    /// backpressure (compressed chunks waiting for SQLite are bounded
+    /// separately, and cost only their frames). Default 2; 1 to 16.
+    pub fn with_in_flight_chunks(mut self, n: usize) -> Self {
+        self.in_flight_chunks = n;
+        self
+    }
+    /// Chunks a reader fetches, decompresses and hashes ahead of the
+    /// consumer (each holds one decoded chunk in memory). Default 4: with
+    /// 2, one slow chunk left a core idle (`export-store bench --groups
+    /// read --read-ahead N`: 0.55-0.63x of one-thread decompression at 2,
+    /// 0.73-0.74x at 4, on the Synthea part). A download served by the
+    /// `server` feature keeps at most [`DOWNLOAD_READ_AHEAD`] of them,
+    /// since many run at once and a network is slower than this.
+    /// 1 to 16.
+    pub fn with_read_ahead(mut self, n: usize) -> Self {
+        self.read_ahead = n;
+        self
+    }
+    /// Turns on signed download URLs: `download_url` mints an expiring URL
+    /// carrying an HMAC-SHA256 over method, path and expiry, honouring the
+    /// requested TTL, with `requires_access_token = false`. The key must be
+    /// at least 16 bytes.
+    pub fn with_signing_key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.signing_key = Some(key.into());
+        self
+    }
+
+    /// Caps the database file at about `bytes` (SQLite's `max_page_count`,
+    /// rounded down to whole pages; the write-ahead log comes on top), so
+    /// that a runaway export cannot fill the disk. A write that needs more
+    /// fails as an internal error saying the database is full, on the next
+    /// write or at `finalize_part`; nothing partial becomes readable, and the
+    /// same store works again as soon as deletes free space. A cap below the
+    /// file's current size stops its growth there. Default: no cap; at least
+    /// 1 MiB.
+    pub fn with_max_database_size(mut self, bytes: Option<u64>) -> Self {
+        self.max_database_size = bytes;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> StorageResult<()> {
+        let bad = |m: String| Err(StorageError::invalid("open", m));
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            return bad(format!(
+                "chunk size {} is outside 1..={MAX_CHUNK_SIZE}",
+                self.chunk_size
+            ));
+        }
+        let levels = zstd::compression_level_range();
+        if !levels.contains(&self.compression_level) {
+            return bad(format!(
+                "zstd does not know compression level {} (it knows {}..={})",
+                self.compression_level,
+                levels.start(),
+                levels.end()
+            ));
+        }
+        if self.pool_size == 0 {
+            return bad("pool size must be at least 1".into());
+        }
+        if !(1..=16).contains(&self.in_flight_chunks) {
+            return bad("in-flight chunks must be 1 to 16".into());
+        }
+        if !(1..=16).contains(&self.read_ahead) {
+            return bad("read-ahead must be 1 to 16 chunks".into());
+        }
+        if matches!(self.max_database_size, Some(b) if b < 1 << 20) {
+            return bad("a database size cap must be at least 1 MiB".into());
+        }
+        if matches!(&self.signing_key, Some(k) if k.len() < 16) {
+            return bad("a signing key must be at least 16 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_invalid_input() {
+        StoreOptions::default().validate().unwrap();
+        let bad = [
+            StoreOptions::default().with_chunk_size(0),
+            StoreOptions::default().with_chunk_size(MAX_CHUNK_SIZE + 1),
+            StoreOptions::default().with_compression_level(23),
+            StoreOptions::default().with_compression_level(-200_000),
+            StoreOptions::default().with_pool_size(0),
+            StoreOptions::default().with_in_flight_chunks(0),
+            StoreOptions::default().with_read_ahead(17),
+            StoreOptions::default().with_signing_key(b"short".to_vec()),
+            StoreOptions::default().with_max_database_size(Some(4096)),
+        ];
+        for o in bad {
+            let e = o.validate().unwrap_err();
+            assert!(e.is_invalid_input(), "{o:?}: {e}");
+        }
+        StoreOptions::default()
+            .with_compression_level(-5)
+            .with_chunk_size(1)
+            .validate()
+            .unwrap();
+    }
+}

@@ -1,0 +1,476 @@
+//! The part writer: an `AsyncWrite` that turns any byte stream into staged,
+//! compressed chunk rows.
+//!
+//! Bytes are buffered up to the chunk size; each full chunk is hashed (its
+//! share of the part's BLAKE3 digest, see [`super::digest`]), compressed
+//! by a compression worker (one per core, see [`super::compressor`]) and
+//! queued for the writer thread, while the producer goes on filling the
+//! next one: the producer's own thread only copies bytes. At most
+//! `in_flight_chunks` chunks per writer
+//! are being compressed, and at most [`MAX_QUEUED`] compressed chunks wait to
+//! be stored: beyond that `poll_write` returns `Pending` (backpressure), so
+//! memory stays bounded by a few chunks whatever the part's size. Queued
+//! frames are what lets compression go on while SQLite checkpoints its WAL
+//! (measured: +14% write throughput on a 1 GiB part).
+//!
+//! Transient trouble (SQLite busy past every retry) is never surfaced from
+//! `poll_write`: it is deferred to shutdown, so that `finalize_part` reports
+//! it as unavailable. A permanent failure (the part was deleted meanwhile, the
+//! disk is full) fails a later write, at most [`MAX_QUEUED`] chunks on.
+//!
+//! Nothing written here is readable until `finalize_part` publishes it.
+//! Dropping a writer without finalizing asks the store to discard its staging.
+//! A writer holds the database (not the store) alive: used after its store
+//! is dropped, it still stages bytes, but only the store that opened it can
+//! finalize it, so such a part is never published.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::AsyncWrite;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use super::codec;
+use super::compressor;
+use super::db::{ChunkInsertArgs, Db};
+use super::digest::{self, ChunkHash, DigestAlgorithm, PartHasher};
+use crate::error::{ErrorKind, StorageError, StorageResult};
+use crate::key::ExportPartKey;
+
+/// What a writer reports about itself after a clean shutdown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sealed {
+    pub bytes: u64,
+    pub stored_bytes: u64,
+    pub chunks: u64,
+    pub digest: String,
+    pub digest_algorithm: DigestAlgorithm,
+}
+
+/// The store's record of one live writer.
+#[derive(Debug)]
+pub(crate) struct SinkRecord {
+    pub part_id: i64,
+    pub key: ExportPartKey,
+    pub sealed: Option<Sealed>,
+    pub published: bool,
+}
+
+/// Live writers of a store, by the address of their heap allocation. A
+/// writer is identified at finalize by the address behind the caller's
+/// `Pin<Box<dyn AsyncWrite>>`: a sink swapped for another is not found.
+#[derive(Debug, Default)]
+pub(crate) struct Registry(Mutex<HashMap<usize, SinkRecord>>);
+
+impl Registry {
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<usize, SinkRecord>) -> R) -> R {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut map)
+    }
+
+    /// The record of the writer at `addr`, if it is one of ours.
+    pub fn lookup(&self, addr: usize) -> Option<(i64, ExportPartKey, Option<Sealed>)> {
+        self.with(|m| {
+            m.get(&addr)
+                .map(|r| (r.part_id, r.key.clone(), r.sealed.clone()))
+        })
+    }
+
+    /// Marks the writer at `addr` as published, so its drop discards nothing.
+    pub fn mark_published(&self, addr: usize) {
+        self.with(|m| {
+            if let Some(r) = m.get_mut(&addr) {
+                r.published = true;
+            }
+        })
+    }
+
+    /// The staged part ids of the live writers.
+    pub fn live_part_ids(&self) -> Vec<i64> {
+        self.with(|m| m.values().map(|r| r.part_id).collect())
+    }
+
+    /// Live writers.
+    pub fn len(&self) -> usize {
+        self.with(|m| m.len())
+    }
+}
+
+/// The address that identifies a boxed writer.
+pub(crate) fn sink_address(w: &(dyn AsyncWrite + Send)) -> usize {
+    w as *const (dyn AsyncWrite + Send) as *const () as usize
+}
+
+/// Checks at finalize that a writer's sink is one a store opened (its
+/// registry record was found) and that it was opened for `key`.
+pub(crate) fn check_opened_for(
+    op: &'static str,
+    key: &ExportPartKey,
+    opened_for: Option<&ExportPartKey>,
+) -> StorageResult<()> {
+    let Some(opened_for) = opened_for else {
+        return Err(StorageError::invalid(
+            op,
+            "this writer's sink was not opened by this store (was it replaced?)",
+        )
+        .with_part(key.display()));
+    };
+    if opened_for != key {
+        return Err(StorageError::invalid(
+            op,
+            format!(
+                "the writer was opened for another part ({})",
+                opened_for.display()
+            ),
+        )
+        .with_part(key.display()));
+    }
+    Ok(())
+}
+
+/// A chunk being compressed (and hashed); it gives back where the outcome
+/// of storing it will arrive, the raw buffer for reuse, and the chunk's
+/// share of the part's digest. Closed without a value if the job panicked.
+type ChunkTask = oneshot::Receiver<(StorageResult<Queued>, Vec<u8>, ChunkHash)>;
+
+/// A compressed chunk queued for the writer thread: its frame's size and
+/// where the outcome of storing it will arrive.
+type Queued = (u64, oneshot::Receiver<StorageResult<()>>);
+
+/// Compressed chunks one writer may have queued but not yet stored. They
+/// cost only their frames (tens of KiB each for NDJSON).
+pub(crate) const MAX_QUEUED: usize = 16;
+
+/// Settings a sink needs from the store.
+pub(crate) struct SinkConfig {
+    pub chunk_size: usize,
+    pub level: i32,
+    pub in_flight: usize,
+}
+
+/// The staging writer behind an [`ExportPartWriter`](crate::ExportPartWriter).
+pub(crate) struct PartSink {
+    db: Arc<Db>,
+    registry: Arc<Registry>,
+    runtime: Handle,
+    part_id: i64,
+    part: String,
+    cfg: SinkConfig,
+    buf: Vec<u8>,
+    spare: Vec<Vec<u8>>,
+    next_seq: u64,
+    dispatched_bytes: u64,
+    accepted: u64,
+    stored_bytes: u64,
+    /// Combines the chunks' digests, in order, as their tasks finish.
+    hasher: PartHasher,
+    in_flight: VecDeque<ChunkTask>,
+    queued: VecDeque<Queued>,
+    /// A transient failure, reported at shutdown (and so by finalize).
+    deferred: Option<StorageError>,
+    /// A permanent failure, reported by every later call.
+    failed: Option<(ErrorKind, String)>,
+    shut: bool,
+}
+
+impl PartSink {
+    /// A sink for staged part `part_id`; the caller registers it once boxed.
+    pub fn new(
+        db: Arc<Db>,
+        registry: Arc<Registry>,
+        runtime: Handle,
+        part_id: i64,
+        key: &ExportPartKey,
+        cfg: SinkConfig,
+    ) -> Self {
+        PartSink {
+            db,
+            registry,
+            runtime,
+            part_id,
+            part: key.display().to_string(),
+            buf: codec::take_buffer(cfg.chunk_size),
+            spare: Vec::new(),
+            cfg,
+            next_seq: 0,
+            dispatched_bytes: 0,
+            accepted: 0,
+            stored_bytes: 0,
+            hasher: PartHasher::new(DigestAlgorithm::CURRENT),
+            in_flight: VecDeque::new(),
+            queued: VecDeque::new(),
+            deferred: None,
+            failed: None,
+            shut: false,
+        }
+    }
+
+    /// Records the boxed sink in the registry under its address.
+    pub fn register(self: Pin<&mut Self>, key: &ExportPartKey) {
+        let addr = sink_address(&*self);
+        let record = SinkRecord {
+            part_id: self.part_id,
+            key: key.clone(),
+            sealed: None,
+            published: false,
+        };
+        self.registry.with(|m| m.insert(addr, record));
+    }
+
+    fn fail(&mut self, e: StorageError) -> io::Error {
+        self.failed = Some((e.kind(), e.message().to_string()));
+        e.or_part(&self.part).into()
+    }
+
+    fn failure(&self) -> Option<io::Error> {
+        self.failed.as_ref().map(|(kind, msg)| {
+            StorageError::new(*kind, "write", msg.clone())
+                .with_part(&self.part)
+                .into()
+        })
+    }
+
+    /// Sends the buffered bytes off as the next chunk.
+    fn dispatch(&mut self) {
+        let fresh = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| codec::take_buffer(self.cfg.chunk_size));
+        let raw = std::mem::replace(&mut self.buf, fresh);
+        let args = (self.part_id, self.next_seq, self.dispatched_bytes);
+        self.next_seq += 1;
+        self.dispatched_bytes += raw.len() as u64;
+        let db = self.db.clone();
+        let level = self.cfg.level;
+        // Chunk jobs hash their chunks when chunks are BLAKE3 subtrees;
+        // otherwise the hasher hashes them in order as they come back.
+        let hash = digest::tree_compatible(self.cfg.chunk_size);
+        let runtime = self.runtime.clone();
+        let (done, task) = oneshot::channel();
+        let job = move || {
+            let (part_id, seq, raw_offset) = args;
+            // Hashed here, by the worker that compresses it, while it is in
+            // the cache; the writer only combines the results in order.
+            let hash = if hash {
+                digest::hash_chunk(DigestAlgorithm::CURRENT, raw_offset, &raw)
+            } else {
+                ChunkHash::default()
+            };
+            let compressed = codec::compress_now(&raw, level);
+            let queued = compressed.and_then(|frame| {
+                let n = frame.len() as u64;
+                db.queue_chunk(
+                    ChunkInsertArgs {
+                        part_id,
+                        seq,
+                        raw_offset,
+                        raw_len: raw.len() as u64,
+                        frame,
+                    },
+                    &runtime,
+                )
+                .map(|ack| (n, ack))
+            });
+            let _ = done.send((queued, raw, hash));
+        };
+        compressor::submit(Box::new(job), &self.runtime);
+        self.in_flight.push_back(task);
+    }
+
+    /// Waits until at most `limit` chunks are being compressed and at most
+    /// [`MAX_QUEUED`] wait to be stored, collecting results.
+    fn poll_settle(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<()>> {
+        self.poll_settle_to(cx, limit, MAX_QUEUED)
+    }
+
+    /// Waits until every chunk is compressed and stored.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_settle_to(cx, 0, 0)
+    }
+
+    fn poll_settle_to(
+        &mut self,
+        cx: &mut Context<'_>,
+        limit: usize,
+        max_queued: usize,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let must_wait = self.in_flight.len() > limit;
+            let Some(task) = self.in_flight.front_mut() else {
+                break;
+            };
+            let done = if must_wait {
+                ready!(Pin::new(task).poll(cx))
+            } else {
+                // Collect what has finished without waiting for the rest.
+                match Pin::new(task).poll(cx) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => break,
+                }
+            };
+            self.in_flight.pop_front();
+            match done {
+                Ok((Ok(queued), mut raw, hash)) => {
+                    self.queued.push_back(queued);
+                    if self.deferred.is_none() {
+                        if let Err(e) = self.hasher.push(&raw, hash) {
+                            let e = StorageError::internal("write", e.message().to_string());
+                            return Poll::Ready(Err(self.fail(e)));
+                        }
+                    }
+                    raw.clear();
+                    if self.spare.len() < 2 {
+                        self.spare.push(raw);
+                    } else {
+                        codec::recycle_buffer(raw);
+                    }
+                }
+                Ok((Err(e), _, _)) if e.is_unavailable() => {
+                    self.deferred.get_or_insert(e);
+                }
+                Ok((Err(e), _, _)) => return Poll::Ready(Err(self.fail(e))),
+                Err(_) => {
+                    let e =
+                        StorageError::internal("write", "a chunk task panicked or was cancelled");
+                    return Poll::Ready(Err(self.fail(e)));
+                }
+            }
+        }
+        loop {
+            let must_wait = self.queued.len() > max_queued;
+            let Some((n, ack)) = self.queued.front_mut() else {
+                break;
+            };
+            let n = *n;
+            let outcome = if must_wait {
+                ready!(Pin::new(ack).poll(cx))
+            } else {
+                match Pin::new(ack).poll(cx) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => break,
+                }
+            };
+            self.queued.pop_front();
+            match outcome {
+                Ok(Ok(())) => self.stored_bytes += n,
+                Ok(Err(e)) if e.is_unavailable() => {
+                    self.deferred.get_or_insert(e);
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(self.fail(e))),
+                Err(_) => {
+                    let e = StorageError::internal("write", "the store's writer has shut down");
+                    return Poll::Ready(Err(self.fail(e)));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn seal(&mut self) -> Sealed {
+        Sealed {
+            bytes: self.accepted,
+            stored_bytes: self.stored_bytes,
+            chunks: self.next_seq,
+            digest: std::mem::replace(&mut self.hasher, PartHasher::new(DigestAlgorithm::CURRENT))
+                .finish_hex(),
+            digest_algorithm: DigestAlgorithm::CURRENT,
+        }
+    }
+}
+
+impl AsyncWrite for PartSink {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(e) = this.failure() {
+            return Poll::Ready(Err(e));
+        }
+        if this.shut {
+            let e = StorageError::invalid("write", "the writer was already shut down");
+            return Poll::Ready(Err(e.with_part(&this.part).into()));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.deferred.is_some() {
+            // The part can no longer be finalized; accept and drop the bytes
+            // so that the producer reaches finalize, which reports why.
+            this.accepted += data.len() as u64;
+            return Poll::Ready(Ok(data.len()));
+        }
+        // Finished chunks are collected only when another is dispatched:
+        // polling the tasks on every small write (a line, a newline) cost
+        // more than copying the bytes.
+        if this.buf.len() == this.cfg.chunk_size {
+            ready!(this.poll_settle(cx, this.cfg.in_flight - 1))?;
+            this.dispatch();
+        }
+        let n = data.len().min(this.cfg.chunk_size - this.buf.len());
+        this.buf.extend_from_slice(&data[..n]);
+        this.accepted += n as u64;
+        if this.buf.len() == this.cfg.chunk_size && this.in_flight.len() < this.cfg.in_flight {
+            this.dispatch();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Waits until every dispatched chunk is stored. A partly filled chunk
+    /// stays buffered: flushing does not cut small frames.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.failure() {
+            return Poll::Ready(Err(e));
+        }
+        this.poll_drain(cx)
+    }
+
+    /// Stores the last chunk, waits for every chunk, and seals the writer:
+    /// after `Ok`, the store knows its byte count and digest.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(e) = this.failure() {
+            return Poll::Ready(Err(e));
+        }
+        if this.shut {
+            return Poll::Ready(Ok(()));
+        }
+        if !this.buf.is_empty() && this.deferred.is_none() {
+            ready!(this.poll_settle(cx, this.cfg.in_flight - 1))?;
+            this.dispatch();
+        }
+        ready!(this.poll_drain(cx))?;
+        if let Some(e) = this.deferred.take() {
+            let e = this.fail(e);
+            return Poll::Ready(Err(e));
+        }
+        this.shut = true;
+        let sealed = this.seal();
+        let addr = sink_address(&*this);
+        this.registry.with(|m| {
+            if let Some(r) = m.get_mut(&addr) {
+                r.sealed = Some(sealed);
+            }
+        });
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for PartSink {
+    fn drop(&mut self) {
+        let addr = sink_address(&*self);
+        let record = self.registry.with(|m| m.remove(&addr));
+        if !record.is_some_and(|r| r.published) {
+            self.db.discard_later(self.part_id);
+        }
+        codec::recycle_buffer(std::mem::take(&mut self.buf));
+        self.spare.drain(..).for_each(codec::recycle_buffer);
+    }
+}
