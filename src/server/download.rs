@@ -26,10 +26,10 @@ use tokio::sync::Semaphore;
 
 use crate::error::{from_sqlite, StorageError, StorageResult};
 use crate::key::{ExportJobId, ExportPartKey};
+use crate::store::chunk::missing_chunk;
 use crate::store::codec;
 use crate::store::db::read_blocking;
 use crate::store::digest::{hash_chunk, ChunkHash, ContentDigest, DigestAlgorithm, PartHasher};
-use crate::store::reader::missing_chunk;
 use crate::store::sql::{self, ChunkRow, PartRow};
 use crate::SqliteOutputStore;
 

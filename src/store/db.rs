@@ -47,6 +47,10 @@ const WAL_SIZE_LIMIT: i64 = 4 << 20;
 /// megabytes of log beside it.
 const IDLE_TRUNCATE_AFTER: Duration = Duration::from_secs(1);
 
+/// Pages one space-reclamation step gives back at most: with 4 KiB pages,
+/// at most 1 MiB of live pages are moved in one short transaction.
+pub(crate) const VACUUM_STEP_PAGES: u32 = 256;
+
 type Call = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// One chunk to store, with where to send the outcome.
@@ -313,8 +317,8 @@ impl Db {
     }
 
     /// Asks the writer thread to give free pages back to the file system in
-    /// short steps when it is idle (see [`super::maintenance`]), without
-    /// waiting. Writes keep priority: each step is one short transaction.
+    /// short steps ([`vacuum_step`]) when it is idle, without waiting.
+    /// Writes keep priority: each step is one short transaction.
     pub fn reclaim_space_soon(&self) {
         self.reclaim.store(true, Ordering::SeqCst);
         if let Some(q) = &self.queue {
@@ -382,6 +386,30 @@ fn join_error(op: &'static str, e: tokio::task::JoinError) -> StorageError {
     }
 }
 
+/// One step of space reclamation on the writer connection: returns pages
+/// freed, free pages left and the page size.
+pub(crate) fn vacuum_step(conn: &Connection) -> rusqlite::Result<(u64, u64, u64)> {
+    let freed = sql::incremental_vacuum(conn, VACUUM_STEP_PAGES)?;
+    failpoint::hit("vacuum.step");
+    let (page_size, _, left) = sql::pages(conn)?;
+    Ok((freed, left, page_size))
+}
+
+/// One idle-time step of space reclamation, run by the writer thread when
+/// it has no command. Never waits for a lock held by another process: a
+/// busy database ends the idle work until the next delete asks again.
+/// Returns whether free pages remain to give back.
+fn idle_vacuum_step(conn: &Connection) -> bool {
+    match sql::without_waiting(conn, vacuum_step) {
+        Ok((freed, left, _)) if freed > 0 && left > 0 => true,
+        Ok(_) => {
+            let _ = sql::checkpoint(conn);
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 fn writer_thread(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Command>,
@@ -404,7 +432,7 @@ fn writer_thread(
             None => match rx.try_recv() {
                 Ok(c) => c,
                 Err(TryRecvError::Empty) if reclaim.load(Ordering::SeqCst) => {
-                    if !super::maintenance::idle_vacuum_step(&conn) {
+                    if !idle_vacuum_step(&conn) {
                         reclaim.store(false, Ordering::SeqCst);
                     }
                     wal_written = true;
@@ -608,7 +636,7 @@ fn try_insert_batch(
     }
     // The staged parts that received chunks are active now: reclaiming
     // abandoned staging (possibly from another process) ages parts by this.
-    let now = super::now_ms();
+    let now = sql::now_ms();
     for (id, state) in &states {
         if *state == Some(false) {
             sql::touch_staged(&tx, *id, now)?;

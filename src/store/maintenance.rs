@@ -18,7 +18,7 @@
 //! Deletes give their pages back without being asked: after
 //! `delete_job_outputs`, `delete_tenant_outputs`, `reclaim_abandoned` or
 //! `prune_superseded` commits, the writer thread runs
-//! `PRAGMA incremental_vacuum` in steps of [`VACUUM_STEP_PAGES`] pages
+//! `PRAGMA incremental_vacuum` in short steps (a few hundred pages each)
 //! whenever it has no other command, so the call itself does not wait for
 //! it and a write waits for at most one step.
 //! [`reclaim_space`](SqliteOutputStore::reclaim_space) does the same work at
@@ -28,15 +28,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::Connection;
 
-use super::db::read_blocking;
+use super::chunk::fetch_chunk;
+use super::db::{read_blocking, vacuum_step};
 use super::digest::{hash_chunk, PartHasher};
 use super::failpoint;
-use super::reader::fetch_chunk;
-use super::sql::{self, PartRow};
+use super::immediate;
+use super::sql::{self, now_ms, PartRow};
 use super::SqliteOutputStore;
-use super::{immediate, now_ms};
 use crate::error::{from_sqlite, ErrorKind, StorageError, StorageResult};
 use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
 
@@ -59,10 +58,6 @@ const VERIFY_PAGE: u32 = 64;
 
 /// Lines of `PRAGMA integrity_check` that `verify` reports at most.
 const MAX_INTEGRITY_LINES: u32 = 100;
-
-/// Pages one space-reclamation step gives back at most: with 16 KiB pages,
-/// at most 4 MiB of live pages are moved in one short transaction.
-pub const VACUUM_STEP_PAGES: u32 = 256;
 
 /// The outcome of [`SqliteOutputStore::verify`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -287,8 +282,8 @@ impl SqliteOutputStore {
         Ok(deleted)
     }
 
-    /// Gives every free page back to the file system now, in steps of
-    /// [`VACUUM_STEP_PAGES`] pages, each its own short write so that other
+    /// Gives every free page back to the file system now, in the writer
+    /// thread's short steps, each its own short write so that other
     /// writes interleave, then checkpoints the write-ahead log without
     /// waiting for readers so that the file itself can shrink. Deletes do
     /// this by themselves when the store is idle; this call is for an
@@ -310,7 +305,7 @@ impl SqliteOutputStore {
             }
         }
         self.db()
-            .write(op, |c| checkpoint(c).map_err(|e| from_sqlite(op, e)))
+            .write(op, |c| sql::checkpoint(c).map_err(|e| from_sqlite(op, e)))
             .await?;
         Ok(report)
     }
@@ -349,36 +344,6 @@ impl SqliteOutputStore {
         tokio::task::spawn_blocking(move || verify_blocking(&pool, &mut progress))
             .await
             .map_err(|_| StorageError::internal("verify", "the verify task panicked"))?
-    }
-}
-
-/// One step of space reclamation on the writer connection: returns pages
-/// freed, free pages left and the page size.
-fn vacuum_step(conn: &Connection) -> rusqlite::Result<(u64, u64, u64)> {
-    let freed = sql::incremental_vacuum(conn, VACUUM_STEP_PAGES)?;
-    failpoint::hit("vacuum.step");
-    let (page_size, _, left) = sql::pages(conn)?;
-    Ok((freed, left, page_size))
-}
-
-/// Copies the write-ahead log into the database without waiting for
-/// anyone; the database file is truncated to its size once all of it is in.
-fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-}
-
-/// One idle-time step of space reclamation, run by the writer thread when
-/// it has no command. Never waits for a lock held by another process: a
-/// busy database ends the idle work until the next delete asks again.
-/// Returns whether free pages remain to give back.
-pub(crate) fn idle_vacuum_step(conn: &Connection) -> bool {
-    match sql::without_waiting(conn, vacuum_step) {
-        Ok((freed, left, _)) if freed > 0 && left > 0 => true,
-        Ok(_) => {
-            let _ = checkpoint(conn);
-            false
-        }
-        Err(_) => false,
     }
 }
 

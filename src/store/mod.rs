@@ -8,8 +8,9 @@
 //!   with writers and readers from [`writer`] and [`reader`]) and
 //!   `maintenance.rs` (the operator's methods: reclaim, prune, verify,
 //!   space);
-//! - the streams: `writer.rs` (the staging `AsyncWrite`) and `reader.rs`
-//!   (the verifying `AsyncRead`);
+//! - the streams: `writer.rs` (the staging `AsyncWrite`), `reader.rs`
+//!   (the verifying `AsyncRead`) and `chunk.rs` (one stored chunk read
+//!   back, for the reader, verify and downloads);
 //! - the bridge: `db.rs` (the read pool and the writer thread: the one place
 //!   async callers meet blocking SQLite work) and `compressor.rs` (the chunk
 //!   workers, one per core);
@@ -20,9 +21,13 @@
 //!   URLs), `options.rs` (`StoreOptions`), `failpoint.rs` (the crash-test
 //!   seam).
 //!
-//! The store uses the crate's contract (`contract.rs`, `key.rs`,
-//! `error.rs`) and nothing of the server, the test kit or the HFS adapter.
+//! Each layer uses the layers below it, never one above: the writer thread's
+//! idle work (space reclamation, truncating the log) is in `db.rs` and the
+//! clock rows record is in `sql.rs`, not in the orchestration. The store
+//! uses the crate's contract (`contract.rs`, `key.rs`, `error.rs`) and
+//! nothing of the server, the test kit or the HFS adapter.
 
+pub(crate) mod chunk;
 pub mod codec;
 pub(crate) mod compressor;
 pub(crate) mod db;
@@ -53,7 +58,7 @@ use db::Db;
 use digest::DigestAlgorithm;
 use options::StoreOptions;
 use reader::PartReader;
-use sql::{PartRow, Publish};
+use sql::{now_ms, PartRow, Publish};
 use url::UrlMinter;
 use writer::{check_opened_for, sink_address, PartSink, Registry, SinkConfig};
 
@@ -155,13 +160,6 @@ impl std::fmt::Debug for SqliteOutputStore {
             .field("options", &self.core.options)
             .finish()
     }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl SqliteOutputStore {

@@ -4,6 +4,8 @@
 //! categories. Every function is usable on an in-memory database, which is
 //! how the unit tests below run them.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::digest::DigestAlgorithm;
@@ -18,6 +20,15 @@ pub fn token_to_sql(token: u64) -> i64 {
 /// The inverse of [`token_to_sql`].
 pub fn token_from_sql(v: i64) -> u64 {
     (v as u64) ^ (1 << 63)
+}
+
+/// The time rows record (`created_at_ms`, `finalized_at_ms`, a staged
+/// part's last chunk, fence marks): Unix milliseconds, 0 before 1970.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// A finished part's row.
@@ -403,6 +414,12 @@ pub fn truncate_wal_now(conn: &Connection) -> bool {
         })
         .is_ok_and(|busy| busy == 0)
     })
+}
+
+/// Copies the write-ahead log into the database without waiting for
+/// anyone; the database file is truncated to its size once all of it is in.
+pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
 
 /// SQLite's largest page count (`SQLITE_MAX_PAGE_COUNT` of the bundled
