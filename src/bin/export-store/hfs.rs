@@ -66,8 +66,8 @@ pub struct Args {
     /// Which store holds the export and submit output.
     #[arg(long, value_enum, default_value_t = Output::Sqlite)]
     output: Output,
-    /// Answer export and submit status polls with this `Retry-After` (in
-    /// seconds) instead of HFS's 120. For test fixtures and demos: real
+    /// Answer export and submit status polls that say "still running" (202)
+    /// with this `Retry-After` (in seconds) instead of HFS's 120. For test fixtures and demos: real
     /// clients obey the header, so a small export would otherwise wait two
     /// minutes per poll.
     #[arg(long, value_name = "SECS")]
@@ -97,6 +97,7 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let config = server_config(&args, addr)?;
 
+    write_search_parameters(&args.data_dir)?;
     let backend = Arc::new(sqlite_backend(&config)?);
     seed_default_tenant(backend.as_ref(), &config).await;
     spawn_wal_maintenance(backend.clone());
@@ -115,11 +116,14 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         export,
         submit,
     );
+    // Only "still running" answers (202) get the shorter wait: a 429 or 503
+    // keeps HFS's own Retry-After, or a rate-limited client would loop.
     let app = match args.retry_after {
         Some(secs) => app.layer(axum::middleware::map_response(
             move |mut response: axum::response::Response| async move {
+                let accepted = response.status() == axum::http::StatusCode::ACCEPTED;
                 let headers = response.headers_mut();
-                if headers.contains_key(axum::http::header::RETRY_AFTER) {
+                if accepted && headers.contains_key(axum::http::header::RETRY_AFTER) {
                     headers.insert(axum::http::header::RETRY_AFTER, secs.into());
                 }
                 response
@@ -201,6 +205,35 @@ fn path_str(path: &Path) -> Result<String, String> {
     path.to_str()
         .map(str::to_owned)
         .ok_or_else(|| format!("{} is not valid UTF-8", path.display()))
+}
+
+/// FHIR R4's search-parameter bundle (HL7, CC0), zstd-compressed; see
+/// `data/fhir-r4/README.md`.
+const SEARCH_PARAMETERS_R4: &[u8] =
+    include_bytes!("../../../data/fhir-r4/search-parameters-r4.json.zst");
+
+/// The file HFS reads its R4 search parameters from, in its data folder.
+const SEARCH_PARAMETERS_FILE: &str = "search-parameters-r4.json";
+
+/// Writes FHIR R4's search parameters to `DATA_DIR/search-parameters-r4.json`
+/// unless a file is there (an operator's own stays). HFS builds its search
+/// registry from that file: without it, it refuses conditional references
+/// such as `Practitioner?identifier=…` and its Patient and Group exports
+/// find no compartment member but the patients. Written to a temporary name
+/// and renamed, so a crash never leaves half a file for HFS to read.
+fn write_search_parameters(data_dir: &Path) -> Result<(), String> {
+    let path = data_dir.join(SEARCH_PARAMETERS_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let json = zstd::decode_all(SEARCH_PARAMETERS_R4)
+        .map_err(|e| format!("the built-in search parameters are damaged: {e}"))?;
+    let tmp = data_dir.join(format!("{SEARCH_PARAMETERS_FILE}.tmp"));
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "wrote FHIR R4's search parameters for HFS");
+    Ok(())
 }
 
 /// HFS's SQLite backend for resources and job state, as `hfs` opens it.
