@@ -32,6 +32,65 @@
 //! assert_eq!(ndjson, "{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n");
 //! # Ok(()) }
 //! ```
+//!
+//! # Public API
+//!
+//! What the crate promises, by audience. Everything else is private.
+//!
+//! ## Using the store
+//!
+//! [`SqliteOutputStore`] and the contract it implements:
+//! [`ExportOutputStore`], [`ExportPartWriter`], [`FinalizedPart`],
+//! [`DownloadUrl`], and the keys [`ExportPartKey`], [`ExportJobId`],
+//! [`TenantContext`], [`TenantId`] (limits: [`MAX_ID_BYTES`],
+//! [`MAX_FILE_TYPE_BYTES`]). Its settings: [`StoreOptions`]
+//! ([`DEFAULT_CHUNK_SIZE`], [`MAX_CHUNK_SIZE`], [`DOWNLOAD_READ_AHEAD`]).
+//! What it reports about a part: [`PartInfo`] and its [`DigestAlgorithm`]
+//! ([`ContentDigest`] computes the same digest over bytes you hold). Its
+//! errors: [`StorageError`], [`ErrorKind`], [`StorageResult`]. The
+//! operator's calls (`reclaim_abandoned`, `prune_superseded`,
+//! `reclaim_space`, `space`, `verify`) are methods of the store; they report
+//! [`VerifyReport`], [`VerifyProblem`], [`VerifyProgress`], [`SpaceReport`]
+//! and [`SpaceStats`], and [`JOB_FENCE_MIN_AGE`] is the least time deleted
+//! jobs' fence marks are kept.
+//!
+//! ## The test kit
+//!
+//! [`testkit`]: `testkit::conformance`, the contract as scenarios any
+//! `ExportOutputStore` can run, and `testkit::memory`, the in-memory
+//! reference store the suite is checked against (both feature
+//! `conformance`); [`testkit::localfs`], the HFS-style local-filesystem
+//! store every figure is compared with; [`testkit::synthetic`], a seeded
+//! generator of realistic FHIR R4 NDJSON.
+//!
+//! ## The HTTP server
+//!
+//! `server` (feature `server`, on by default): `router` and `serve` over a
+//! store, configured by `ServerConfig` (`DEFAULT_TENANT`,
+//! `MIN_TOKEN_BYTES`, `read_signing_key_file`); `measure_throughput`
+//! (`Throughput`, `WireForm`) for a bench report.
+//!
+//! ## The HFS adapter
+//!
+//! `helios` (feature `helios`): with it, [`SqliteOutputStore`] implements
+//! HFS's own `helios_persistence::core::bulk_export_output::ExportOutputStore`;
+//! `helios::BACKEND_NAME` is the `backend_name` of the errors it returns.
+//!
+//! ## Not API
+//!
+//! The hidden module `__test_support`: the internals this crate's own
+//! tests, benches and `export-store bench` reach. No stability promise; it
+//! may change in any release.
+//!
+//! # Layout
+//!
+//! At the root of `src/`, the contract every part of the crate shares:
+//! `contract.rs` (the trait and its types), `key.rs` (keys and their
+//! validation), `error.rs` (the error and its categories). Then one folder
+//! per layer, each using only the layers below it: `store/` (the SQLite
+//! store), and on top of it `server/` (the download route), `testkit/`
+//! (suite, reference and baseline stores, generator) and `helios/` (the HFS
+//! adapter), which do not use each other.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -43,23 +102,28 @@ mod key;
 #[cfg(feature = "server")]
 pub mod server;
 mod store;
-mod testkit;
+pub mod testkit;
 
-pub use store::{codec, digest, failpoint, maintenance, schema, sql, url};
-#[cfg(feature = "conformance")]
-pub use testkit::conformance;
 #[doc(hidden)]
-pub use testkit::sample;
-pub use testkit::{localfs, synthetic};
+#[path = "test_support.rs"]
+pub mod __test_support;
 
 pub use contract::{DownloadUrl, ExportOutputStore, ExportPartWriter, FinalizedPart};
-pub use digest::{ContentDigest, DigestAlgorithm};
 pub use error::{ErrorKind, StorageError, StorageResult};
 pub use key::{
     ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_FILE_TYPE_BYTES, MAX_ID_BYTES,
 };
+pub use store::digest::{ContentDigest, DigestAlgorithm};
+pub use store::maintenance::{
+    SpaceReport, SpaceStats, VerifyProblem, VerifyProgress, VerifyReport, JOB_FENCE_MIN_AGE,
+};
 pub use store::options::{StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE};
 pub use store::{PartInfo, SqliteOutputStore};
+
+// Transitional: `tests/hfs_support` still imports `sqlite_export_store::sample`;
+// the path is `__test_support::sample`. Not API.
+#[doc(hidden)]
+pub use __test_support::sample;
 
 // The README's examples compile and run as doctests.
 #[doc = include_str!("../README.md")]

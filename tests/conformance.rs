@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use sqlite_export_store::conformance::{self, MemoryOutputStore, Params};
+use sqlite_export_store::testkit::conformance::{self, Params};
+use sqlite_export_store::testkit::memory::MemoryOutputStore;
 use sqlite_export_store::{ExportOutputStore, SqliteOutputStore, StoreOptions};
 
 /// Small chunks: many chunk boundaries from little data.

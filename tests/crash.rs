@@ -202,12 +202,12 @@ fn spawn_child(
         .env(REPORT, report)
         .env(RUN, run.to_string())
         .env(ROUNDS, rounds.to_string())
-        .env_remove(sqlite_export_store::failpoint::ENV)
+        .env_remove(sqlite_export_store::__test_support::failpoint::ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if let Some(fp) = fp {
-        cmd.env(sqlite_export_store::failpoint::ENV, fp);
+        cmd.env(sqlite_export_store::__test_support::failpoint::ENV, fp);
     }
     cmd.spawn().unwrap()
 }
@@ -487,7 +487,7 @@ fn dies_at_every_fail_point_and_loses_nothing_finalized() {
             Death::KillAfter(_) => unreachable!(),
         })
         .collect();
-    let known: BTreeSet<&str> = sqlite_export_store::failpoint::POINTS
+    let known: BTreeSet<&str> = sqlite_export_store::__test_support::failpoint::POINTS
         .iter()
         .copied()
         .collect();

@@ -596,7 +596,7 @@ async fn a_database_from_a_newer_schema_is_refused_with_a_message_that_says_so()
         let store = SqliteOutputStore::open(&db, BASE).unwrap();
         write_part(&store, &k).await.unwrap();
     }
-    let newer = sqlite_export_store::schema::SCHEMA_VERSION + 1;
+    let newer = sqlite_export_store::__test_support::schema::SCHEMA_VERSION + 1;
     rusqlite::Connection::open(&db)
         .unwrap()
         .pragma_update(None, "user_version", newer)

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use faultkit::{content, key, lines, noisy_lines, now_ms, read_part, tenant, write_part};
-use sqlite_export_store::maintenance::JOB_FENCE_MIN_AGE;
+use sqlite_export_store::JOB_FENCE_MIN_AGE;
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StorageError, StoreOptions,
 };
@@ -38,7 +38,7 @@ async fn delete_job(store: &SqliteOutputStore, t: &str, job: &str) {
 /// The job's fence mark, read through a connection of its own.
 fn mark(db: &Path, t: &str, job: &str) -> Option<u64> {
     let c = rusqlite::Connection::open(db).unwrap();
-    sqlite_export_store::sql::job_fence(&c, t, job).unwrap()
+    sqlite_export_store::__test_support::sql::job_fence(&c, t, job).unwrap()
 }
 
 fn marks(db: &Path) -> u64 {
@@ -349,7 +349,10 @@ async fn finalize_checks_the_jobs_mark_again() {
         c.execute(
             "INSERT INTO job_fences (tenant_id, job_id, fencing_token, recorded_at_ms)
              VALUES ('acme', 'job', ?1, ?2)",
-            rusqlite::params![sqlite_export_store::sql::token_to_sql(ZOMBIE), now_ms()],
+            rusqlite::params![
+                sqlite_export_store::__test_support::sql::token_to_sql(ZOMBIE),
+                now_ms()
+            ],
         )
         .unwrap();
     }

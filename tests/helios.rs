@@ -19,8 +19,8 @@ use helios_persistence::core::ExportJobId;
 use helios_persistence::error::{BackendError, ResourceError, ValidationError};
 use helios_persistence::{StorageError, TenantContext, TenantId, TenantPermissions};
 use sqlite_export_store as ours;
-use sqlite_export_store::conformance::{self, Params};
 use sqlite_export_store::helios::BACKEND_NAME;
+use sqlite_export_store::testkit::conformance::{self, Params};
 use sqlite_export_store::{SqliteOutputStore, StoreOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 
@@ -42,7 +42,8 @@ fn tenant(id: &str) -> TenantContext {
 
 /// One file of the Synthea sample vendored in the repository.
 fn synthea(file: &str) -> Vec<u8> {
-    sqlite_export_store::sample::synthea_file(file).unwrap_or_else(|e| panic!("{e}"))
+    sqlite_export_store::__test_support::sample::synthea_file(file)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn lines(data: &[u8]) -> Vec<&str> {

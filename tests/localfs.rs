@@ -2,8 +2,8 @@
 //! baseline: it must be a correct store for its figures to mean anything.
 //! Like HFS's local-filesystem store it does no store-side fencing.
 
-use sqlite_export_store::conformance::{self, Params};
-use sqlite_export_store::localfs::LocalFsOutputStore;
+use sqlite_export_store::testkit::conformance::{self, Params};
+use sqlite_export_store::testkit::localfs::LocalFsOutputStore;
 
 fn params() -> Params {
     Params {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faultkit::{content, key, lines, noisy_lines, now_ms, read_part, tenant, write_part};
-use sqlite_export_store::maintenance::VerifyProgress;
+use sqlite_export_store::VerifyProgress;
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
 };
@@ -22,12 +22,20 @@ const BASE: &str = "http://hfs.test";
 fn dead_staging(db: &Path, k: &ExportPartKey, age: Duration) {
     let c = rusqlite::Connection::open(db).unwrap();
     c.pragma_update(None, "foreign_keys", true).unwrap();
-    let id =
-        sqlite_export_store::sql::insert_staged(&c, k, now_ms() - age.as_millis() as i64).unwrap();
+    let id = sqlite_export_store::__test_support::sql::insert_staged(
+        &c,
+        k,
+        now_ms() - age.as_millis() as i64,
+    )
+    .unwrap();
     for seq in 0..3 {
-        let frame =
-            sqlite_export_store::codec::compress(b"{\"resourceType\":\"Patient\"}\n", 3).unwrap();
-        sqlite_export_store::sql::insert_chunk(&c, id, seq, seq * 27, 27, &frame).unwrap();
+        let frame = sqlite_export_store::__test_support::codec::compress(
+            b"{\"resourceType\":\"Patient\"}\n",
+            3,
+        )
+        .unwrap();
+        sqlite_export_store::__test_support::sql::insert_chunk(&c, id, seq, seq * 27, 27, &frame)
+            .unwrap();
     }
 }
 

@@ -685,18 +685,20 @@ async fn signed_urls_need_no_token_and_refuse_tampering_expiry_and_other_tenants
         assert_eq!(outcome_code(&hd, &body, &s.store), "forbidden", "{bad}");
     }
     // Expired: a correct signature whose time is over.
-    let path = sqlite_export_store::url::route_path("signed", "Patient", 0);
+    let path = sqlite_export_store::__test_support::url::route_path("signed", "Patient", 0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let old = sqlite_export_store::url::sign(&signing, "GET", "default", &path, now - 10);
+    let old =
+        sqlite_export_store::__test_support::url::sign(&signing, "GET", "default", &path, now - 10);
     let expired = format!("{}{path}?expires={}&signature={old}", s.base, now - 10);
     let (status, hd, body) = s.get(&expired, &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(outcome_code(&hd, &body, &s.store), "expired");
     // Another tenant's URL is signed for that tenant and served on its path.
-    let acme = sqlite_export_store::url::sign(&signing, "GET", "acme", &path, now + 60);
+    let acme =
+        sqlite_export_store::__test_support::url::sign(&signing, "GET", "acme", &path, now + 60);
     let acme_url = format!(
         "{}/acme{path}?expires={}&signature={acme}",
         s.base,

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use sqlite_export_store::conformance::read_all;
-use sqlite_export_store::sample;
+use sqlite_export_store::__test_support::sample;
+use sqlite_export_store::testkit::conformance::read_all;
 use sqlite_export_store::{
     DigestAlgorithm, ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
 };
@@ -167,7 +167,7 @@ async fn signed_urls_carry_expiry_and_signature() {
         "expiry honours the ttl"
     );
     let sig = query.split("signature=").nth(1).unwrap();
-    sqlite_export_store::url::verify(
+    sqlite_export_store::__test_support::url::verify(
         b"a very secret signing key",
         "GET",
         "t",
@@ -252,7 +252,7 @@ async fn finished_parts_report_their_facts() {
 /// digests: built here as that version laid it out (its migration, then
 /// rows as its writer stored them), with the crate's own codec for frames.
 fn schema_1_file(path: &std::path::Path, parts: &[(&str, &[u8], &str)]) {
-    use sqlite_export_store::{codec, schema};
+    use sqlite_export_store::__test_support::{codec, schema};
     let c = rusqlite::Connection::open(path).unwrap();
     c.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
     c.execute_batch(schema::MIGRATIONS[0].1).unwrap();

@@ -157,13 +157,15 @@ pub(crate) fn compress_now(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
 
 /// Decompresses one stored frame that must hold exactly `raw_len` bytes.
 /// A damaged frame, a checksum mismatch or a length mismatch is corrupt.
+// Only the download route (feature `server`) needs it.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub fn decompress(frame: &[u8], raw_len: usize) -> StorageResult<Vec<u8>> {
     let mut out = Vec::new();
     decompress_into(frame, raw_len, &mut out)?;
     Ok(out)
 }
 
-/// [`decompress`] into `out` (cleared first), reusing its allocation: a
+/// `decompress` into `out` (cleared first), reusing its allocation: a
 /// reader that recycles its buffers allocates nothing per chunk.
 pub fn decompress_into(frame: &[u8], raw_len: usize, out: &mut Vec<u8>) -> StorageResult<()> {
     out.clear();

@@ -1,28 +1,8 @@
 //! What an operator runs on a store: reclaiming abandoned staging, pruning
 //! superseded parts, giving space back and verifying every finished part.
 //!
-//! What a caller may rely on:
-//!
-//! - every call that writes does so in short transactions on the store's
-//!   writer thread, so exports keep writing while it runs, and a crash in
-//!   the middle leaves a sound database (each step commits whole or not at
-//!   all);
-//! - [`reclaim_abandoned`](SqliteOutputStore::reclaim_abandoned) removes
-//!   staged parts only, never a finished one, and drops deleted jobs' fence
-//!   marks once they are older than [`JOB_FENCE_MIN_AGE`] (or the age it is
-//!   given, if longer); [`prune_superseded`](SqliteOutputStore::prune_superseded)
-//!   keeps, in every slot, the parts under the slot's highest token;
-//! - [`verify`](SqliteOutputStore::verify) only reads; it walks every
-//!   finished part and reports each problem instead of stopping at the first.
-//!
-//! Deletes give their pages back without being asked: after
-//! `delete_job_outputs`, `delete_tenant_outputs`, `reclaim_abandoned` or
-//! `prune_superseded` commits, the writer thread runs
-//! `PRAGMA incremental_vacuum` in short steps (a few hundred pages each)
-//! whenever it has no other command, so the call itself does not wait for
-//! it and a write waits for at most one step.
-//! [`reclaim_space`](SqliteOutputStore::reclaim_space) does the same work at
-//! once, for an operator or a test that wants the file small now.
+//! What a caller may rely on is on the `impl` block below, where the
+//! store's documentation shows it.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -159,6 +139,31 @@ impl SpaceStats {
     }
 }
 
+/// Maintenance: what an operator runs on a store (`export-store gc`,
+/// `export-store verify`).
+///
+/// What a caller may rely on:
+///
+/// - every call that writes does so in short transactions on the store's
+///   writer thread, so exports keep writing while it runs, and a crash in
+///   the middle leaves a sound database (each step commits whole or not at
+///   all);
+/// - [`reclaim_abandoned`](SqliteOutputStore::reclaim_abandoned) removes
+///   staged parts only, never a finished one, and drops deleted jobs' fence
+///   marks once they are older than [`JOB_FENCE_MIN_AGE`] (or the age it is
+///   given, if longer); [`prune_superseded`](SqliteOutputStore::prune_superseded)
+///   keeps, in every slot, the parts under the slot's highest token;
+/// - [`verify`](SqliteOutputStore::verify) only reads; it walks every
+///   finished part and reports each problem instead of stopping at the first.
+///
+/// Deletes give their pages back without being asked: after
+/// `delete_job_outputs`, `delete_tenant_outputs`, `reclaim_abandoned` or
+/// `prune_superseded` commits, the writer thread runs
+/// `PRAGMA incremental_vacuum` in short steps (a few hundred pages each)
+/// whenever it has no other command, so the call itself does not wait for
+/// it and a write waits for at most one step.
+/// [`reclaim_space`](SqliteOutputStore::reclaim_space) does the same work at
+/// once, for an operator or a test that wants the file small now.
 impl SqliteOutputStore {
     /// Deletes staged parts whose writer is gone: those that received no
     /// chunk for more than `older_than` (or, with no chunk yet, were opened

@@ -28,17 +28,17 @@
 //! nothing of the server, the test kit or the HFS adapter.
 
 pub(crate) mod chunk;
-pub mod codec;
-pub(crate) mod compressor;
+pub(crate) mod codec;
+mod compressor;
 pub(crate) mod db;
-pub mod digest;
-pub mod failpoint;
-pub mod maintenance;
+pub(crate) mod digest;
+pub(crate) mod failpoint;
+pub(crate) mod maintenance;
 pub(crate) mod options;
-pub(crate) mod reader;
-pub mod schema;
-pub mod sql;
-pub mod url;
+mod reader;
+pub(crate) mod schema;
+pub(crate) mod sql;
+pub(crate) mod url;
 pub(crate) mod writer;
 
 use std::path::{Path, PathBuf};
@@ -136,7 +136,7 @@ struct Core {
 ///   marks may take the file a few pages past the cap. Marks are kept
 ///   whatever the fencing option, and dropped by
 ///   [`reclaim_abandoned`](Self::reclaim_abandoned) once older than
-///   [`JOB_FENCE_MIN_AGE`](maintenance::JOB_FENCE_MIN_AGE) (or the
+///   [`JOB_FENCE_MIN_AGE`](crate::JOB_FENCE_MIN_AGE) (or the
 ///   age it is given, if longer);
 /// - a reader returns the exact bytes written, or an error: never short or
 ///   mixed data;

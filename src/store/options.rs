@@ -1,4 +1,4 @@
-//! Settings of a [`SqliteOutputStore`](super::SqliteOutputStore).
+//! Settings of a [`SqliteOutputStore`](crate::SqliteOutputStore).
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ pub const MAX_CHUNK_SIZE: usize = 64 << 20;
 pub const DOWNLOAD_READ_AHEAD: usize = 2;
 
 /// Options for opening a store. Build with [`StoreOptions::default`] and the
-/// `with_*` methods; [`SqliteOutputStore::open_with`](super::SqliteOutputStore::open_with)
+/// `with_*` methods; [`SqliteOutputStore::open_with`](crate::SqliteOutputStore::open_with)
 /// checks them and answers invalid input for values it cannot honour.
 #[derive(Clone)]
 pub struct StoreOptions {

@@ -166,15 +166,15 @@ fn apply_pending(conn: &mut Connection) -> StorageResult<()> {
     }
 }
 
-/// The schema version recorded in a database.
-pub fn version(conn: &Connection) -> StorageResult<u32> {
-    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| from_sqlite("open", e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The schema version recorded in a database.
+    fn version(conn: &Connection) -> StorageResult<u32> {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| from_sqlite("open", e))
+    }
 
     fn tables(conn: &Connection) -> Vec<String> {
         let mut st = conn

@@ -455,6 +455,8 @@ pub fn discard_staged_by_id(conn: &Connection, id: i64) -> rusqlite::Result<usiz
 
 /// Where chunk `seq` of a part sits: `(raw_offset, raw_len)`. Reads no
 /// frame bytes, so a Range request can locate its first frame cheaply.
+// Only the download route (feature `server`) needs it.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub fn chunk_span(
     conn: &Connection,
     part_id: i64,

@@ -7,9 +7,10 @@
 //! with each other and with other data.
 //!
 //! The suite is run against [`SqliteOutputStore`](crate::SqliteOutputStore)
-//! and against [`MemoryOutputStore`], a deliberately simple reference
-//! implementation that keeps the scenarios honest: a scenario that only our
-//! store passes is testing an accident, not the contract.
+//! and against [`MemoryOutputStore`](super::memory::MemoryOutputStore), a
+//! deliberately simple reference implementation that keeps the scenarios
+//! honest: a scenario that only our store passes is testing an accident,
+//! not the contract.
 //!
 //! Scenarios that need several tasks run their futures concurrently in one
 //! task, so they work on any runtime flavour; run them on a multi-thread
@@ -19,7 +20,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub use super::memory::MemoryOutputStore;
 use crate::{
     ExportJobId, ExportOutputStore, ExportPartKey, FinalizedPart, StorageError, StorageResult,
     TenantContext, TenantId,

@@ -56,7 +56,7 @@ use crate::store::url::UrlMinter;
 use crate::store::writer::{check_opened_for, sink_address};
 
 /// The write buffer in front of each part's file: 64 KiB, as in HFS.
-pub const WRITE_BUFFER_CAPACITY: usize = 64 * 1024;
+const WRITE_BUFFER_CAPACITY: usize = 64 * 1024;
 
 /// Everything but ASCII letters, digits, `-` and `_` is escaped in a name,
 /// so that an escaped id never is `.` or `..`, never holds a separator, and

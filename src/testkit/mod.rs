@@ -1,9 +1,9 @@
 //! The test kit: what a test or a benchmark of an `ExportOutputStore` needs,
 //! for this crate's store or any other.
 //!
-//! - [`conformance`]: the contract as a suite of scenarios any
-//!   `ExportOutputStore` can run (feature `conformance`), and [`memory`],
-//!   the in-memory reference store that keeps the suite honest;
+//! - `conformance`: the contract as a suite of scenarios any
+//!   `ExportOutputStore` can run, and `memory`, the in-memory reference
+//!   store that keeps the suite honest (both feature `conformance`);
 //! - [`localfs`]: an HFS-style local-filesystem store, the baseline of every
 //!   comparison;
 //! - [`synthetic`]: a seeded generator of realistic FHIR R4 NDJSON;
@@ -19,5 +19,5 @@ pub mod conformance;
 pub mod localfs;
 #[cfg(feature = "conformance")]
 pub mod memory;
-pub mod sample;
+pub(crate) mod sample;
 pub mod synthetic;

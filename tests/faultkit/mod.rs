@@ -15,7 +15,8 @@ use tokio::io::AsyncReadExt;
 /// One file of the real Synthea bulk export vendored in the repository
 /// (`"Patient.000.ndjson"`), decompressed.
 pub fn synthea(file: &str) -> Vec<u8> {
-    sqlite_export_store::sample::synthea_file(file).unwrap_or_else(|e| panic!("{e}"))
+    sqlite_export_store::__test_support::sample::synthea_file(file)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Real FHIR resources (Synthea encounters), one NDJSON line each.
@@ -150,7 +151,9 @@ pub fn part_rows(path: &Path) -> Vec<(ExportPartKey, bool)> {
                     file_type: r.get(2)?,
                     resource_type: r.get(3)?,
                     part_index: r.get::<_, i64>(4)? as u32,
-                    fencing_token: sqlite_export_store::sql::token_from_sql(r.get(5)?),
+                    fencing_token: sqlite_export_store::__test_support::sql::token_from_sql(
+                        r.get(5)?,
+                    ),
                 },
                 r.get::<_, i64>(6)? == 1,
             ))
@@ -162,9 +165,9 @@ pub fn part_rows(path: &Path) -> Vec<(ExportPartKey, bool)> {
 }
 
 /// Parts, bytes and orphaned chunks, counted on a connection of its own.
-pub fn census(path: &Path) -> sqlite_export_store::sql::Census {
+pub fn census(path: &Path) -> sqlite_export_store::__test_support::sql::Census {
     let c = rusqlite::Connection::open(path).unwrap();
-    sqlite_export_store::sql::census(&c).unwrap()
+    sqlite_export_store::__test_support::sql::census(&c).unwrap()
 }
 
 /// Size of the database file plus its write-ahead log, in bytes.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
-use sqlite_export_store::sample;
+use sqlite_export_store::__test_support::sample;
 use sqlite_export_store::server::{self, ServerConfig};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, PartInfo, SqliteOutputStore, StoreOptions,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use sqlite_export_store::synthetic::{export_plan, Generator};
+use sqlite_export_store::testkit::synthetic::{export_plan, Generator};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, FinalizedPart, SqliteOutputStore, StorageError,
 };

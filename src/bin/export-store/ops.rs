@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use sqlite_export_store::maintenance::VerifyProgress;
+use sqlite_export_store::VerifyProgress;
 use sqlite_export_store::{SqliteOutputStore, StoreOptions};
 
 /// The exit status of `verify` when it found a problem.

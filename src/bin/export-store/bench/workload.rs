@@ -4,8 +4,8 @@
 //!
 //! Every figure is measured beside its baselines on the same bytes:
 //! - the ceiling: the store's own codec ([`codec::compress`] /
-//!   [`codec::decompress`], zstd with content size and checksum) on the same
-//!   chunks, one thread, timing only the codec calls;
+//!   [`codec::decompress_into`], zstd with content size and checksum) on
+//!   the same chunks, one thread, timing only the codec calls;
 //! - [`LocalFsOutputStore`], HFS's way of writing a part (64 KiB buffered
 //!   file, rename), without and with fsync.
 //!
@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlite_export_store::codec;
-use sqlite_export_store::localfs::LocalFsOutputStore;
-use sqlite_export_store::sample;
-use sqlite_export_store::synthetic::Generator;
+use sqlite_export_store::__test_support::codec;
+use sqlite_export_store::__test_support::sample;
+use sqlite_export_store::testkit::localfs::LocalFsOutputStore;
+use sqlite_export_store::testkit::synthetic::Generator;
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions, TenantContext,
     TenantId,
