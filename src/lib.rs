@@ -52,7 +52,10 @@
 //! `reclaim_space`, `space`, `verify`) are methods of the store; they report
 //! [`VerifyReport`], [`VerifyProblem`], [`VerifyProgress`], [`SpaceReport`]
 //! and [`SpaceStats`], and [`JOB_FENCE_MIN_AGE`] is the least time deleted
-//! jobs' fence marks are kept.
+//! jobs' fence marks are kept. What the store holds (`list_parts`,
+//! `list_jobs`, `list_tenants`, `file_stats`): [`PartFilter`] in,
+//! [`PartSummary`], [`JobSummary`], [`TenantSummary`] (with their
+//! [`PartTotals`]) and [`FileStats`] out.
 //!
 //! ## The test kit
 //!
@@ -114,18 +117,28 @@ pub use key::{
     ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_FILE_TYPE_BYTES, MAX_ID_BYTES,
 };
 pub use store::digest::{ContentDigest, DigestAlgorithm};
+pub use store::listing::{
+    FileStats, JobSummary, PartFilter, PartSummary, PartTotals, TenantSummary,
+};
 pub use store::maintenance::{
     SpaceReport, SpaceStats, VerifyProblem, VerifyProgress, VerifyReport, JOB_FENCE_MIN_AGE,
 };
 pub use store::options::{StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE};
 pub use store::{PartInfo, SqliteOutputStore};
 
-// Transitional: `tests/hfs_support` still imports `sqlite_export_store::sample`;
-// the path is `__test_support::sample`. Not API.
-#[doc(hidden)]
-pub use __test_support::sample;
-
-// The README's examples compile and run as doctests.
+// The examples of the README and of docs/ compile and run as doctests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+#[doc = include_str!("../docs/hfs.md")]
+#[cfg(doctest)]
+pub struct HfsDocDoctests;
+
+#[doc = include_str!("../docs/guarantees.md")]
+#[cfg(doctest)]
+pub struct GuaranteesDocDoctests;
+
+#[doc = include_str!("../docs/operations.md")]
+#[cfg(doctest)]
+pub struct OperationsDocDoctests;

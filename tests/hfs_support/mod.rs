@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use sqlite_export_store::sample::{self, SampleFile};
+use sqlite_export_store::__test_support::sample::{self, SampleFile};
 
 /// How long the server may take to print its address (debug build, busy
 /// machine, HFS seeding its search parameters on first start).
