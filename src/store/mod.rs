@@ -33,6 +33,7 @@ mod compressor;
 pub(crate) mod db;
 pub(crate) mod digest;
 pub(crate) mod failpoint;
+pub(crate) mod listing;
 pub(crate) mod maintenance;
 pub(crate) mod options;
 mod reader;

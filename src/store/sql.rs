@@ -607,6 +607,207 @@ pub fn integrity_problems(conn: &Connection, max: u32) -> rusqlite::Result<Vec<S
     Ok(lines.into_iter().filter(|l| l != "ok").collect())
 }
 
+/// Which parts a listing covers: one tenant, one job id (within the
+/// tenant, or in any tenant), finished parts only. The default covers
+/// every part.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListScope<'a> {
+    /// Only this tenant's parts.
+    pub tenant: Option<&'a str>,
+    /// Only parts of jobs with this id.
+    pub job: Option<&'a str>,
+    /// Only finished parts.
+    pub finished_only: bool,
+}
+
+impl ListScope<'_> {
+    /// The condition on `parts AS p`, over parameters `?1` (tenant) and
+    /// `?2` (job): both are always named, so the parameter count never
+    /// changes, and a given tenant (and job) is an equality the
+    /// `parts_by_key` index serves.
+    fn condition(&self) -> String {
+        let tenant = if self.tenant.is_some() {
+            "p.tenant_id = ?1"
+        } else {
+            "?1 IS NULL"
+        };
+        let job = if self.job.is_some() {
+            "p.job_id = ?2"
+        } else {
+            "?2 IS NULL"
+        };
+        let state = if self.finished_only {
+            " AND p.finalized = 1"
+        } else {
+            ""
+        };
+        format!("{tenant} AND {job}{state}")
+    }
+}
+
+/// A part's NDJSON bytes, stored bytes and chunks: recorded at finalize for
+/// a finished part, summed over the chunks stored so far for a staged one
+/// (an index range per staged part; `length` of a blob reads no blob).
+const LISTED_FIGURES: &str = "
+    CASE WHEN p.finalized = 1 THEN p.byte_count
+         ELSE (SELECT coalesce(sum(raw_len), 0) FROM chunks WHERE part_id = p.id) END AS bytes,
+    CASE WHEN p.finalized = 1 THEN p.stored_bytes
+         ELSE (SELECT coalesce(sum(length(frame)), 0) FROM chunks WHERE part_id = p.id) END
+         AS stored,
+    CASE WHEN p.finalized = 1 THEN p.chunk_count
+         ELSE (SELECT count(*) FROM chunks WHERE part_id = p.id) END AS chunks";
+
+/// One part as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedPart {
+    /// The part's key, fencing token included.
+    pub key: ExportPartKey,
+    /// Finished (readable) rather than staged.
+    pub finished: bool,
+    /// Lines recorded at finalize; `None` while staged.
+    pub line_count: Option<u64>,
+    /// NDJSON bytes: recorded at finalize, or stored so far while staged.
+    pub byte_count: u64,
+    /// Compressed frame bytes (recorded, or stored so far).
+    pub stored_bytes: u64,
+    /// Chunks (recorded, or stored so far).
+    pub chunk_count: u64,
+    /// Unix milliseconds the part was opened.
+    pub created_at_ms: i64,
+    /// Unix milliseconds of the finalize commit.
+    pub finalized_at_ms: Option<i64>,
+    /// Unix milliseconds a staged part last received chunks.
+    pub touched_at_ms: Option<i64>,
+    /// Lowercase hex content digest and its algorithm, once finished.
+    pub digest: Option<(String, DigestAlgorithm)>,
+}
+
+fn digest_algorithm_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<DigestAlgorithm> {
+    let name: String = r.get(i)?;
+    DigestAlgorithm::from_name(&name).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("unknown digest algorithm {name:?}").into(),
+        )
+    })
+}
+
+/// The parts in `scope`, staged and finished, ordered by tenant, job, file
+/// type, resource type, part index, token (a staged version before the
+/// finished one of the same key). One query; reads no frame.
+pub fn list_parts(conn: &Connection, scope: &ListScope<'_>) -> rusqlite::Result<Vec<ListedPart>> {
+    let sql = format!(
+        "SELECT p.tenant_id, p.job_id, p.file_type, p.resource_type, p.part_index,
+                p.fencing_token, p.finalized, p.line_count, {LISTED_FIGURES},
+                p.created_at_ms, p.finalized_at_ms, p.touched_at_ms, p.digest,
+                p.digest_algorithm
+         FROM parts AS p WHERE {}
+         ORDER BY p.tenant_id, p.job_id, p.file_type, p.resource_type, p.part_index,
+                  p.fencing_token, p.finalized",
+        scope.condition()
+    );
+    conn.prepare_cached(&sql)?
+        .query_map(params![scope.tenant, scope.job], |r| {
+            let finished = r.get::<_, i64>(6)? == 1;
+            let digest = match r.get::<_, Option<String>>(14)? {
+                Some(hex) if finished => Some((hex, digest_algorithm_at(r, 15)?)),
+                _ => None,
+            };
+            Ok(ListedPart {
+                key: ExportPartKey {
+                    tenant_id: r.get(0)?,
+                    job_id: crate::key::ExportJobId::from_string(r.get::<_, String>(1)?),
+                    file_type: r.get(2)?,
+                    resource_type: r.get(3)?,
+                    part_index: r.get::<_, i64>(4)? as u32,
+                    fencing_token: token_from_sql(r.get(5)?),
+                },
+                finished,
+                line_count: r.get::<_, Option<i64>>(7)?.map(|n| n as u64),
+                byte_count: r.get::<_, i64>(8)? as u64,
+                stored_bytes: r.get::<_, i64>(9)? as u64,
+                chunk_count: r.get::<_, i64>(10)? as u64,
+                created_at_ms: r.get(11)?,
+                finalized_at_ms: r.get(12)?,
+                touched_at_ms: r.get(13)?,
+                digest,
+            })
+        })?
+        .collect()
+}
+
+/// The totals of a group of parts (a job, a tenant).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListedTotals {
+    /// The group's tenant.
+    pub tenant: String,
+    /// The group's job, when grouped by job.
+    pub job: Option<String>,
+    /// Distinct jobs in the group.
+    pub jobs: u64,
+    /// Parts, staged and finished (every token).
+    pub parts: u64,
+    /// Finished parts.
+    pub finished_parts: u64,
+    /// Lines of the finished parts.
+    pub line_count: u64,
+    /// NDJSON bytes: recorded for finished parts, stored so far for staged.
+    pub byte_count: u64,
+    /// Compressed frame bytes, likewise.
+    pub stored_bytes: u64,
+    /// Chunks, likewise.
+    pub chunk_count: u64,
+    /// The earliest part's creation, Unix milliseconds.
+    pub first_created_at_ms: i64,
+    /// The latest finalize, Unix milliseconds.
+    pub last_finalized_at_ms: Option<i64>,
+    /// The latest change of any part (opened, received chunks, finished).
+    pub last_active_at_ms: i64,
+}
+
+/// The totals of the parts in `scope`, one row per tenant (or, with
+/// `by_job`, per tenant and job), in tenant (and job) order. One query;
+/// reads no frame.
+pub fn list_totals(
+    conn: &Connection,
+    scope: &ListScope<'_>,
+    by_job: bool,
+) -> rusqlite::Result<Vec<ListedTotals>> {
+    let job = if by_job { "p.job_id" } else { "NULL" };
+    let sql = format!(
+        "SELECT tenant_id, job, count(DISTINCT job_id), count(*), sum(finalized),
+                coalesce(sum(line_count), 0), sum(bytes), sum(stored), sum(chunks),
+                min(created_at_ms), max(finalized_at_ms),
+                max(coalesce(finalized_at_ms, touched_at_ms, created_at_ms))
+         FROM (SELECT p.tenant_id, {job} AS job, p.job_id, p.finalized,
+                      CASE WHEN p.finalized = 1 THEN p.line_count END AS line_count,
+                      {LISTED_FIGURES}, p.created_at_ms, p.finalized_at_ms, p.touched_at_ms
+               FROM parts AS p WHERE {})
+         GROUP BY tenant_id, job ORDER BY tenant_id, job",
+        scope.condition()
+    );
+    conn.prepare_cached(&sql)?
+        .query_map(params![scope.tenant, scope.job], |r| {
+            let count = |i| r.get::<_, i64>(i).map(|n| n as u64);
+            Ok(ListedTotals {
+                tenant: r.get(0)?,
+                job: r.get(1)?,
+                jobs: count(2)?,
+                parts: count(3)?,
+                finished_parts: count(4)?,
+                line_count: count(5)?,
+                byte_count: count(6)?,
+                stored_bytes: count(7)?,
+                chunk_count: count(8)?,
+                first_created_at_ms: r.get(9)?,
+                last_finalized_at_ms: r.get(10)?,
+                last_active_at_ms: r.get(11)?,
+            })
+        })?
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -815,5 +1016,168 @@ mod tests {
         assert_eq!(delete_tenant(&c, "acme").unwrap(), 1);
         assert_eq!(delete_job(&c, "acme/research", "other").unwrap(), 0);
         assert_eq!(delete_job(&c, "acme/research", "j").unwrap(), 1);
+    }
+
+    #[test]
+    fn listings_show_state_figures_and_order() {
+        let c = db();
+        let k = |tenant: &str, job: &str, ty: &str, idx: u32, token: u64| {
+            ExportPartKey::output(tenant, ExportJobId::from(job), ty, idx, token)
+        };
+        let finish = |id, bytes, stored, chunks, at| {
+            let p = Publish {
+                line_count: 2,
+                byte_count: bytes,
+                stored_bytes: stored,
+                chunk_count: chunks,
+                digest: "dd",
+                digest_algorithm: DigestAlgorithm::Blake3,
+                now_ms: at,
+            };
+            assert_eq!(publish(&c, id, &p).unwrap(), 1);
+        };
+        let a = insert_staged(&c, &k("acme", "j2", "Patient", 1, 1), 10).unwrap();
+        insert_chunk(&c, a, 0, 0, 5, b"abc").unwrap();
+        insert_chunk(&c, a, 1, 5, 4, b"de").unwrap();
+        finish(a, 9, 5, 2, 20);
+        let b = insert_staged(&c, &k("acme", "j1", "Patient", 0, 2), 30).unwrap();
+        insert_chunk(&c, b, 0, 0, 7, b"wxyz").unwrap();
+        touch_staged(&c, b, 40).unwrap();
+        insert_staged(&c, &k("acme", "j1", "Encounter", 0, 1), 50).unwrap();
+        let e = ExportPartKey::error("acme/research", ExportJobId::from("j1"), "Patient", 0, 1);
+        let e_id = insert_staged(&c, &e, 5).unwrap();
+        finish(e_id, 0, 0, 0, 6);
+        let top = k("beta", "j1", "Patient", 0, u64::MAX);
+        let f = insert_staged(&c, &top, 1).unwrap();
+        insert_chunk(&c, f, 0, 0, 3, b"f").unwrap();
+        finish(f, 3, 1, 1, 2);
+
+        let all = list_parts(&c, &ListScope::default()).unwrap();
+        let keys: Vec<String> = all.iter().map(|p| p.key.display().to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "acme/j1/output/Encounter-0@1",
+                "acme/j1/output/Patient-0@2",
+                "acme/j2/output/Patient-1@1",
+                "acme/research/j1/error/Patient-0@1",
+                &format!("beta/j1/output/Patient-0@{}", u64::MAX),
+            ]
+        );
+        let staged = &all[1];
+        assert!(!staged.finished);
+        assert_eq!(
+            (
+                staged.line_count,
+                staged.byte_count,
+                staged.stored_bytes,
+                staged.chunk_count
+            ),
+            (None, 7, 4, 1)
+        );
+        assert_eq!(
+            (
+                staged.created_at_ms,
+                staged.touched_at_ms,
+                staged.finalized_at_ms
+            ),
+            (30, Some(40), None)
+        );
+        assert_eq!(staged.digest, None);
+        assert_eq!((all[0].byte_count, all[0].chunk_count), (0, 0));
+        let done = &all[2];
+        assert!(done.finished);
+        assert_eq!(
+            (
+                done.line_count,
+                done.byte_count,
+                done.stored_bytes,
+                done.chunk_count
+            ),
+            (Some(2), 9, 5, 2)
+        );
+        assert_eq!(done.finalized_at_ms, Some(20));
+        assert_eq!(
+            done.digest,
+            Some(("dd".to_string(), DigestAlgorithm::Blake3))
+        );
+        assert_eq!(all[4].key, top);
+
+        let scoped = |tenant, job, finished_only| {
+            let scope = ListScope {
+                tenant,
+                job,
+                finished_only,
+            };
+            list_parts(&c, &scope)
+                .unwrap()
+                .iter()
+                .map(|p| p.key.display().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(scoped(Some("acme"), None, false).len(), 3);
+        assert_eq!(scoped(Some("acme"), Some("j1"), false).len(), 2);
+        assert_eq!(scoped(None, Some("j1"), false).len(), 4);
+        assert_eq!(scoped(Some("acme"), Some("j1"), true).len(), 0);
+        assert_eq!(scoped(None, None, true).len(), 3);
+        assert!(scoped(Some("acm"), None, false).is_empty());
+
+        let tenants = list_totals(&c, &ListScope::default(), false).unwrap();
+        assert_eq!(tenants.len(), 3);
+        assert_eq!(
+            tenants[0],
+            ListedTotals {
+                tenant: "acme".into(),
+                job: None,
+                jobs: 2,
+                parts: 3,
+                finished_parts: 1,
+                line_count: 2,
+                byte_count: 16,
+                stored_bytes: 9,
+                chunk_count: 3,
+                first_created_at_ms: 10,
+                last_finalized_at_ms: Some(20),
+                last_active_at_ms: 50,
+            }
+        );
+        let jobs = list_totals(
+            &c,
+            &ListScope {
+                tenant: Some("acme"),
+                ..ListScope::default()
+            },
+            true,
+        )
+        .unwrap();
+        let j1 = &jobs[0];
+        assert_eq!(
+            (
+                j1.job.as_deref(),
+                j1.parts,
+                j1.finished_parts,
+                j1.line_count,
+                j1.byte_count
+            ),
+            (Some("j1"), 2, 0, 0, 7)
+        );
+        assert_eq!((j1.last_finalized_at_ms, j1.last_active_at_ms), (None, 50));
+        assert_eq!(jobs[1].job.as_deref(), Some("j2"));
+        let finished = ListScope {
+            finished_only: true,
+            ..ListScope::default()
+        };
+        let t = list_totals(&c, &finished, false).unwrap();
+        assert_eq!(t.iter().map(|t| t.parts).sum::<u64>(), 3);
+        assert!(list_totals(
+            &c,
+            &ListScope {
+                tenant: Some("x"),
+                ..ListScope::default()
+            },
+            true
+        )
+        .unwrap()
+        .is_empty());
     }
 }
