@@ -44,3 +44,54 @@ pub mod sample {
         synthea, synthea_dir, synthea_file, synthea_to_dir, SampleFile,
     };
 }
+
+/// A big store in seconds: finished parts published straight into a
+/// store's file, many in one transaction, as `finalize_part` records them
+/// (one chunk each, with a real frame and digest, so reads and `verify`
+/// pass), for tests of listings over 100,000 parts.
+pub mod bulk {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use crate::store::digest::{ContentDigest, DigestAlgorithm};
+    use crate::store::{codec, schema, sql};
+    use crate::ExportPartKey;
+
+    /// Publishes one finished part per key into the store file at `db`
+    /// (opened as a store once before, so that its schema is there), each
+    /// holding `ndjson` (`lines` lines, not empty) as one chunk, finalized
+    /// at `now_ms`, in one transaction. Keys must be new. Returns how many
+    /// parts were written.
+    pub fn insert_finished(
+        db: &Path,
+        keys: impl IntoIterator<Item = ExportPartKey>,
+        ndjson: &[u8],
+        lines: u64,
+        now_ms: i64,
+    ) -> Result<u64, Box<dyn std::error::Error>> {
+        assert!(!ndjson.is_empty(), "a part of one chunk holds bytes");
+        let frame = codec::compress(ndjson, 3)?;
+        let digest = ContentDigest::hex_of(DigestAlgorithm::CURRENT, ndjson);
+        let mut c = rusqlite::Connection::open(db)?;
+        schema::configure(&c, Duration::from_secs(10))?;
+        let tx = c.transaction()?;
+        let mut written = 0;
+        for key in keys {
+            let id = sql::insert_staged(&tx, &key, now_ms)?;
+            sql::insert_chunk(&tx, id, 0, 0, ndjson.len() as u64, &frame)?;
+            let published = sql::Publish {
+                line_count: lines,
+                byte_count: ndjson.len() as u64,
+                stored_bytes: frame.len() as u64,
+                chunk_count: 1,
+                digest: &digest,
+                digest_algorithm: DigestAlgorithm::CURRENT,
+                now_ms,
+            };
+            sql::publish(&tx, id, &published)?;
+            written += 1;
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+}

@@ -58,7 +58,7 @@ use crate::key::{check_id, ExportJobId, ExportPartKey, TenantContext};
 use db::Db;
 use digest::DigestAlgorithm;
 use options::StoreOptions;
-use reader::PartReader;
+use reader::{Output, PartReader};
 use sql::{now_ms, PartRow, Publish};
 use url::UrlMinter;
 use writer::{check_opened_for, sink_address, PartSink, Registry, SinkConfig};
@@ -259,6 +259,40 @@ impl SqliteOutputStore {
             .find_part(key, "latest_in_slot", sql::find_latest_in_slot)
             .await?;
         Ok(PartInfo::from(&row))
+    }
+
+    /// The finished part under exactly `key` as its stored zstd frames,
+    /// concatenated as they are: one valid zstd stream (what a `.zst` file
+    /// holds, and what `zstd -d` turns back into the part's NDJSON),
+    /// [`PartInfo::stored_bytes`] long. Verified as `open_reader` is: each
+    /// frame is decoded and checked, and the part's length, frame bytes and
+    /// digest are checked before its last frame is handed out, so a damaged
+    /// part ends in an error. Must be called inside a Tokio runtime.
+    pub async fn open_frames(
+        &self,
+        key: &ExportPartKey,
+    ) -> StorageResult<Pin<Box<dyn AsyncRead + Send>>> {
+        self.reader(key, "open_frames", Output::Frames).await
+    }
+
+    async fn reader(
+        &self,
+        key: &ExportPartKey,
+        op: &'static str,
+        output: Output,
+    ) -> StorageResult<Pin<Box<dyn AsyncRead + Send>>> {
+        let runtime = Handle::try_current().map_err(|_| {
+            StorageError::internal(op, format!("{op} must be called inside a Tokio runtime"))
+        })?;
+        let row = self.finished(key, op).await?;
+        Ok(Box::pin(PartReader::new(
+            self.core.db.pool(),
+            runtime,
+            row,
+            key.display().to_string(),
+            self.core.options.read_ahead,
+            output,
+        )))
     }
 
     /// The database bridge, for the crate's other modules.
@@ -571,18 +605,7 @@ impl ExportOutputStore for SqliteOutputStore {
         &self,
         key: &ExportPartKey,
     ) -> StorageResult<Pin<Box<dyn AsyncRead + Send>>> {
-        let op = "open_reader";
-        let runtime = Handle::try_current().map_err(|_| {
-            StorageError::internal(op, "open_reader must be called inside a Tokio runtime")
-        })?;
-        let row = self.finished(key, op).await?;
-        Ok(Box::pin(PartReader::new(
-            self.core.db.pool(),
-            runtime,
-            row,
-            key.display().to_string(),
-            self.core.options.read_ahead,
-        )))
+        self.reader(key, "open_reader", Output::Ndjson).await
     }
 
     async fn delete_job_outputs(

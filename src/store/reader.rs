@@ -10,6 +10,11 @@
 //! of its bytes are handed out. So a damaged part, or one deleted or
 //! replaced while it is read, ends in an error, never in short, mixed or
 //! wrong data reported as success.
+//!
+//! The same reader can hand out the part's stored zstd frames instead of
+//! its NDJSON ([`Output::Frames`]): every frame is still decoded and
+//! checked, and the whole part verified, before its last frame is handed
+//! out.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -32,11 +37,23 @@ use crate::error::{StorageError, StorageResult};
 
 type Pool = r2d2::Pool<SqliteConnectionManager>;
 
-/// One decoded chunk: its raw offset, bytes and share of the digest.
+/// One decoded chunk: its raw offset, bytes and share of the digest, and
+/// its stored frame when the reader hands frames out.
 struct Decoded {
     raw_offset: u64,
     bytes: Vec<u8>,
     hash: ChunkHash,
+    frame: Option<Vec<u8>>,
+}
+
+/// What a [`PartReader`] hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// The part's NDJSON.
+    Ndjson,
+    /// The part's stored zstd frames, concatenated as they are: one valid
+    /// zstd stream of the NDJSON.
+    Frames,
 }
 
 /// The reader behind `open_reader`.
@@ -46,6 +63,7 @@ pub(crate) struct PartReader {
     part: PartRow,
     label: String,
     read_ahead: usize,
+    output: Output,
     next_fetch: u64,
     /// Chunks being fetched and decoded, in order; a closed channel means
     /// the job panicked.
@@ -57,6 +75,8 @@ pub(crate) struct PartReader {
     spare: Vec<Vec<u8>>,
     pos: usize,
     received: u64,
+    /// Frame bytes received (frames only).
+    stored: u64,
     /// The part's digest so far; `None` once checked.
     digest: Option<PartHasher>,
     failed: Option<(crate::ErrorKind, String)>,
@@ -69,6 +89,7 @@ impl PartReader {
         part: PartRow,
         label: String,
         read_ahead: usize,
+        output: Output,
     ) -> Self {
         let algorithm = part.digest_algorithm;
         PartReader {
@@ -77,12 +98,14 @@ impl PartReader {
             part,
             label,
             read_ahead,
+            output,
             next_fetch: 0,
             pending: VecDeque::new(),
             current: Vec::new(),
             spare: Vec::new(),
             pos: 0,
             received: 0,
+            stored: 0,
             digest: Some(PartHasher::new(algorithm)),
             failed: None,
         }
@@ -92,6 +115,7 @@ impl PartReader {
         while self.pending.len() < self.read_ahead && self.next_fetch < self.part.chunk_count {
             let (pool, id, seq) = (self.pool.clone(), self.part.id, self.next_fetch);
             let algorithm = self.part.digest_algorithm;
+            let keep_frame = self.output == Output::Frames;
             let buf = self
                 .spare
                 .pop()
@@ -99,13 +123,15 @@ impl PartReader {
             self.next_fetch += 1;
             let (done, task) = oneshot::channel();
             let finish = move |row: StorageResult<ChunkRow>| {
-                let decoded = row
-                    .and_then(|row| decode(row, buf))
-                    .map(|(raw_offset, bytes)| Decoded {
+                let decoded = row.and_then(|row| {
+                    let frame = keep_frame.then(|| row.frame.clone());
+                    decode(row, buf).map(|(raw_offset, bytes)| Decoded {
                         hash: hash_chunk(algorithm, raw_offset, &bytes),
                         raw_offset,
                         bytes,
-                    });
+                        frame,
+                    })
+                });
                 let _ = done.send(decoded);
             };
             // Decoded and hashed by a worker (one per core, see
@@ -166,13 +192,21 @@ impl PartReader {
             ));
         }
         self.received += d.bytes.len() as u64;
+        self.stored += d.frame.as_ref().map_or(0, |f| f.len() as u64);
         let digest = self.digest.as_mut().expect("present until the end");
         digest.push(&d.bytes, d.hash)?;
         let last = self.pending.is_empty() && self.next_fetch == self.part.chunk_count;
         if last || self.received > self.part.byte_count {
             self.verify_end()?;
         }
-        let used = std::mem::replace(&mut self.current, d.bytes);
+        // Handing frames out, the decoded bytes are done with at once.
+        let used = match d.frame {
+            Some(frame) => {
+                self.current = frame;
+                d.bytes
+            }
+            None => std::mem::replace(&mut self.current, d.bytes),
+        };
         if self.spare.len() < self.read_ahead {
             self.spare.push(used);
         } else {
@@ -189,6 +223,15 @@ impl PartReader {
                 format!(
                     "the part holds {} bytes where {} were recorded",
                     self.received, self.part.byte_count
+                ),
+            ));
+        }
+        if self.output == Output::Frames && self.stored != self.part.stored_bytes {
+            return Err(StorageError::corrupt(
+                "read",
+                format!(
+                    "the part's frames hold {} bytes where {} were recorded",
+                    self.stored, self.part.stored_bytes
                 ),
             ));
         }
@@ -226,10 +269,19 @@ impl AsyncRead for PartReader {
             }
             this.fill_queue();
             let Some(task) = this.pending.front_mut() else {
-                // No chunks left; an empty part is verified here.
+                // No chunks left; an empty part is verified here. As frames,
+                // it is one empty frame: no bytes at all is no zstd stream.
                 if this.digest.is_some() {
                     if let Err(e) = this.verify_end() {
                         return Poll::Ready(Err(this.fail(e)));
+                    }
+                    if this.output == Output::Frames && this.part.chunk_count == 0 {
+                        match codec::compress(&[], 1) {
+                            Ok(frame) => this.current = frame,
+                            Err(e) => return Poll::Ready(Err(this.fail(e))),
+                        }
+                        this.pos = 0;
+                        continue;
                     }
                 }
                 return Poll::Ready(Ok(()));
@@ -255,5 +307,68 @@ impl Drop for PartReader {
     fn drop(&mut self) {
         codec::recycle_buffer(std::mem::take(&mut self.current));
         self.spare.drain(..).for_each(codec::recycle_buffer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use tokio::io::AsyncReadExt;
+
+    use crate::contract::ExportOutputStore;
+    use crate::{ExportJobId, ExportPartKey, SqliteOutputStore, StoreOptions};
+
+    async fn frames_of(store: &SqliteOutputStore, key: &ExportPartKey) -> Vec<u8> {
+        let mut frames = Vec::new();
+        let mut r = store.open_frames(key).await.unwrap();
+        r.read_to_end(&mut frames).await.unwrap();
+        frames
+    }
+
+    fn unzstd(frames: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        zstd::stream::read::Decoder::new(frames)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_are_one_zstd_stream_of_the_part() {
+        let options = StoreOptions::default().with_chunk_size(4096);
+        let store = SqliteOutputStore::temporary_with("http://h", options).unwrap();
+        let key = ExportPartKey::output("t", ExportJobId::from("j"), "Patient", 0, 1);
+        let mut w = store.open_writer(&key).await.unwrap();
+        let mut ndjson = Vec::new();
+        for i in 0..2000u64 {
+            let line = format!(
+                r#"{{"resourceType":"Patient","id":"p{i}","n":{}}}"#,
+                i * 7919 % 1013
+            );
+            w.write_line(&line).await.unwrap();
+            ndjson.extend_from_slice(line.as_bytes());
+            ndjson.push(b'\n');
+        }
+        store.finalize_part(&key, w).await.unwrap();
+        let info = store.part_info(&key).await.unwrap();
+        assert!(info.chunk_count > 3, "{} chunks", info.chunk_count);
+        let frames = frames_of(&store, &key).await;
+        assert_eq!(frames.len() as u64, info.stored_bytes);
+        assert_eq!(unzstd(&frames), ndjson);
+
+        let empty = ExportPartKey::output("t", ExportJobId::from("j"), "Patient", 1, 1);
+        let w = store.open_writer(&empty).await.unwrap();
+        store.finalize_part(&empty, w).await.unwrap();
+        let frames = frames_of(&store, &empty).await;
+        assert!(!frames.is_empty(), "an empty part is one empty frame");
+        assert!(unzstd(&frames).is_empty());
+
+        let missing = ExportPartKey::output("t", ExportJobId::from("j"), "Patient", 0, 2);
+        let Err(e) = store.open_frames(&missing).await else {
+            panic!("no part under token 2")
+        };
+        assert!(e.is_not_found());
     }
 }
