@@ -71,7 +71,10 @@
 //! `server` (feature `server`, on by default): `router` and `serve` over a
 //! store, configured by `ServerConfig` (`DEFAULT_TENANT`,
 //! `MIN_TOKEN_BYTES`, `read_signing_key_file`); `measure_throughput`
-//! (`Throughput`, `WireForm`) for a bench report.
+//! (`Throughput`, `WireForm`) for a bench report; `server::metrics`
+//! (`ServerMetrics`, given to `ServerConfig::with_metrics`, `StoreGauges`,
+//! the metric names and buckets) and `check_health` (`HEALTH_TIMEOUT`), for
+//! a `/metrics` and `/healthz` of the caller's.
 //!
 //! ## The HFS adapter
 //!

@@ -6,8 +6,8 @@
 //! included.
 //!
 //! Four tests share one loaded server (started by the first of them, under
-//! a watchdog that stops it when the test process ends); bulk submit and
-//! the kill-and-restart test start their own. `cargo test --features hfs
+//! a watchdog that stops it when the test process ends); bulk submit, the
+//! kill-and-restart test and the `--metrics-addr` test start their own. `cargo test --features hfs
 //! --test hfs -- --nocapture` shows where the time goes.
 //!
 //! HFS needs the FHIR R4 spec's search parameters (`search-parameters-r4.json`
@@ -22,6 +22,7 @@
 //! it fails and says so.
 
 mod hfs_support;
+mod watch_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -74,6 +75,7 @@ fn start_shared() -> Shared {
             "HFS_BULK_EXPORT_MAX_CONCURRENT_PER_TENANT".into(),
             "16".into(),
         )],
+        ..HfsOptions::default()
     });
     note(format_args!(
         "shared server at {} (log: {})",
@@ -930,6 +932,120 @@ fn smart_fetch_downloads_every_resource_exactly_once() {
             "smart-fetch did not DELETE its job (or HFS did not answer 202): {seen:#?}"
         );
     });
+}
+
+// ---------------------------------------------------------------------------
+// 7. --metrics-addr: HFS's own metrics beside the store's, and /healthz
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_metrics_listener_shows_hfs_requests_beside_the_store_figures_and_its_health() {
+    let hfs = Hfs::start(HfsOptions::default().batch_size(2).metrics());
+    let metrics = hfs.metrics.clone().expect("a `metrics on` line");
+    block_on(async {
+        let http = http();
+        let healthz = || async {
+            let r = http.get(format!("{metrics}/healthz")).send().await.unwrap();
+            let status = r.status();
+            let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            (status, v)
+        };
+        assert_eq!(healthz().await, (StatusCode::OK, json!({"status": "ok"})));
+
+        for i in 0..5 {
+            let patient = json!({"resourceType": "Patient", "id": format!("watched-{i}")});
+            put(&http, &hfs.base, &patient).await;
+        }
+        let Export { got, .. } = export(&http, &hfs.base, "/$export?_type=Patient").await;
+        assert_eq!(got.urls.len(), 3, "5 patients in parts of 2");
+        // Each file once more, as it is on the wire: its NDJSON bytes.
+        let mut ndjson = 0;
+        for url in &got.urls {
+            let r = http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{url}");
+            assert!(r.headers().get("content-encoding").is_none(), "{url}");
+            ndjson += r.bytes().await.unwrap().len();
+        }
+        // Not on HFS's own port.
+        for path in ["/metrics", "/healthz"] {
+            let r = http.get(hfs.url(path)).send().await.unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            assert_ne!(status, StatusCode::OK, "{path}: {body}");
+            assert!(!body.contains("http_requests_total"), "{path}: {body}");
+        }
+
+        let s = watch_support::scrape(&http, &metrics).await;
+        let requests = "http_requests_total";
+        assert_eq!(s.kind(requests), "counter");
+        let download = [
+            ("method", "GET"),
+            ("route", "/export-file/{job_id}/{part}"),
+            ("service", "hfs"),
+            ("status", "200"),
+        ];
+        let downloads = 2.0 * got.urls.len() as f64;
+        assert_eq!(s.value(requests, &download), downloads, "{}", s.text);
+        let kickoff = [
+            ("method", "GET"),
+            ("route", "/$export"),
+            ("service", "hfs"),
+            ("status", "202"),
+        ];
+        assert_eq!(s.value(requests, &kickoff), 1.0, "{}", s.text);
+        let puts: f64 = s
+            .all(requests)
+            .iter()
+            .filter(|x| x.labels["method"] == "PUT")
+            .map(|x| x.value)
+            .sum();
+        assert_eq!(puts, 5.0, "{}", s.text);
+        let duration = "http_request_duration_seconds";
+        assert_eq!(s.kind(duration), "histogram");
+        assert_eq!(s.value(&format!("{duration}_count"), &download), downloads);
+        assert!(s.value("uptime_seconds", &[("service", "hfs")]) > 0.0);
+
+        // The store's figures, from the same recorder, with HFS's label.
+        let figure = |name: &str| {
+            assert_eq!(s.kind(name), "gauge", "{name}");
+            s.get(name, &[("service", "hfs")])
+                .unwrap_or_else(|| panic!("no {name}:\n{}", s.text))
+        };
+        let stored = stored_bytes_of(&hfs.output_db);
+        assert_eq!(figure("export_store_finished_parts"), 3.0);
+        assert_eq!(figure("export_store_ndjson_bytes"), ndjson as f64);
+        assert_eq!(figure("export_store_stored_bytes"), stored as f64);
+        let on_disk = std::fs::metadata(&hfs.output_db).unwrap().len();
+        assert_eq!(figure("export_store_database_bytes"), on_disk as f64);
+        assert!(
+            s.all("export_store_sent_bytes_total").is_empty(),
+            "HFS serves the downloads, not the store's route"
+        );
+
+        // The output store's file removed under the server: unhealthy,
+        // and the reason names the store.
+        std::fs::remove_file(&hfs.output_db).unwrap();
+        let (status, v) = healthz().await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert_eq!(v["status"], "unavailable");
+        let reason = v["reason"].as_str().unwrap();
+        assert!(reason.starts_with("store: "), "{reason}");
+        assert!(reason.contains("removed or replaced"), "{reason}");
+    });
+}
+
+/// The stored bytes of the finished parts, read from the output database
+/// with a read-only connection.
+fn stored_bytes_of(db: &std::path::Path) -> u64 {
+    use rusqlite::{Connection, OpenFlags};
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.busy_timeout(Duration::from_secs(30)).unwrap();
+    conn.query_row(
+        "SELECT coalesce(sum(stored_bytes), 0) FROM parts WHERE finalized = 1",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap() as u64
 }
 
 mod proxy {

@@ -51,14 +51,18 @@
 //! streamed: NDJSON, a byte range or the stored zstd frames, verified),
 //! `headers.rs` (encodings, ranges, conditionals), `auth.rs` (tokens and
 //! signed URLs), `outcome.rs` (`OperationOutcome` errors), `logging.rs`
-//! (one event per response) and `throughput.rs` ([`measure_throughput`]).
+//! (one event per response), `throughput.rs` ([`measure_throughput`]),
+//! [`metrics`] (what the route records, given [`ServerConfig::with_metrics`],
+//! and the store's gauges) and `health.rs` ([`check_health`]).
 //! The server uses the store's read path and the crate's contract; nothing
 //! else in the crate uses the server.
 
 mod auth;
 mod download;
 mod headers;
+mod health;
 mod logging;
+pub mod metrics;
 mod outcome;
 mod route;
 mod throughput;
@@ -75,6 +79,8 @@ use crate::key::check_id;
 use crate::SqliteOutputStore;
 use download::Reads;
 
+pub use self::metrics::{ServerMetrics, StoreGauges};
+pub use health::{check_health, HEALTH_TIMEOUT};
 pub use throughput::{measure_throughput, Throughput, WireForm};
 
 /// The tenant a request resolves to when its path names none, unless
@@ -108,6 +114,7 @@ pub struct ServerConfig {
     signing_key: Option<Vec<u8>>,
     identity_only: bool,
     path_prefix: Option<String>,
+    metrics: Option<ServerMetrics>,
 }
 
 impl Default for ServerConfig {
@@ -125,6 +132,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("signing_key", &self.signing_key.as_ref().map(|_| "<set>"))
             .field("identity_only", &self.identity_only)
             .field("path_prefix", &self.path_prefix)
+            .field("metrics", &self.metrics)
             .finish()
     }
 }
@@ -139,6 +147,7 @@ impl ServerConfig {
             signing_key: None,
             identity_only: false,
             path_prefix: None,
+            metrics: None,
         }
     }
 
@@ -177,6 +186,14 @@ impl ServerConfig {
     /// that strips the prefix.
     pub fn with_path_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.path_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Records the route's [`metrics`] (requests, bytes sent, download
+    /// durations, open downloads). Off by default: the router then records
+    /// nothing.
+    pub fn with_metrics(mut self, metrics: ServerMetrics) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -289,7 +306,11 @@ pub fn router(store: SqliteOutputStore, config: ServerConfig) -> StorageResult<R
             .nest(&prefix, routes)
             .fallback(route::no_route)
     };
-    Ok(routes.layer(axum::middleware::from_fn(logging::log_requests)))
+    let routes = routes.layer(axum::middleware::from_fn(logging::log_requests));
+    Ok(match config.metrics {
+        Some(m) => routes.layer(axum::middleware::from_fn_with_state(m, metrics::track)),
+        None => routes,
+    })
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops

@@ -84,6 +84,9 @@ pub struct HfsOptions {
     /// this test process ends, even though the handle is never dropped
     /// (a server shared through a `static`).
     pub outlive_handle: bool,
+    /// `--metrics-addr 127.0.0.1:0`: `/metrics` and `/healthz` on a
+    /// listener of their own, at [`Hfs::metrics`].
+    pub metrics: bool,
 }
 
 impl HfsOptions {
@@ -93,6 +96,10 @@ impl HfsOptions {
     }
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 }
@@ -107,6 +114,9 @@ pub struct Hfs {
     pub pid: u32,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// `http://127.0.0.1:PORT` of `/metrics` and `/healthz`, when started
+    /// with [`HfsOptions::metrics`].
+    pub metrics: Option<String>,
     /// `--data-dir`.
     pub data_dir: PathBuf,
     /// The output store's database (`DATA_DIR/export-output.db`).
@@ -182,6 +192,9 @@ impl Hfs {
         if let Some(n) = options.batch_size {
             args.extend(["--batch-size".into(), n.to_string()]);
         }
+        if options.metrics {
+            args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+        }
         let mut cmd = if options.outlive_handle {
             let mut c = Command::new("sh");
             c.arg("-c")
@@ -219,13 +232,16 @@ impl Hfs {
         });
         let mut pid = (!options.outlive_handle).then(|| child.id());
         let mut base = None;
+        let mut metrics = None;
         let deadline = Instant::now() + START_TIMEOUT;
-        while base.is_none() || pid.is_none() {
+        while base.is_none() || pid.is_none() || (options.metrics && metrics.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(url) = line.strip_prefix("listening on ") {
                         base = Some(url.trim().trim_end_matches('/').to_string());
+                    } else if let Some(url) = line.strip_prefix("metrics on ") {
+                        metrics = Some(url.trim().to_string());
                     } else if let Some(p) = line.strip_prefix("pid ") {
                         pid = p.trim().parse().ok();
                     } else if base.is_none() {
@@ -256,6 +272,7 @@ impl Hfs {
             watchdog,
             pid: pid.unwrap(),
             base: base.unwrap(),
+            metrics,
             data_dir: data_dir.to_path_buf(),
             output_db: data_dir.join("export-output.db"),
             log,

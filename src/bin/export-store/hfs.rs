@@ -7,7 +7,8 @@
 //! the resources and the job state, HFS's own workers claim and run the jobs,
 //! HFS's routes serve the FHIR API, the status URLs and the file downloads.
 //! Only the output store differs. What is left out (the web UI, auth, audit,
-//! metrics, other backends) is listed in the README.
+//! other backends) is listed in docs/hfs.md; `/metrics` is served only on
+//! the listener of `--metrics-addr` (see `watch.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,16 @@ pub struct Args {
     /// minutes per poll.
     #[arg(long, value_name = "SECS")]
     retry_after: Option<u32>,
+    /// Also serve `GET /metrics` (Prometheus text format: HFS's own request
+    /// metrics and uptime, and the output store's parts and sizes) and
+    /// `GET /healthz` (200 while HFS's database and the output store answer,
+    /// else 503 with the reason) on a listener of their own at this address
+    /// (port 0 picks a free port), printed as `metrics on http://ADDR` on
+    /// the line after `listening on`. Neither asks for a token: keep it on a
+    /// private address. Off by default, and neither path is then served on
+    /// any port.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs HFS until Ctrl-C or SIGTERM, then stops the workers claiming, lets
@@ -95,6 +106,10 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match args.metrics_addr {
+        Some(a) => Some(crate::watch::bind(a).await?),
+        None => None,
+    };
     let config = server_config(&args, addr)?;
 
     write_search_parameters(&args.data_dir)?;
@@ -103,7 +118,7 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     spawn_wal_maintenance(backend.clone());
 
     let workers = Workers::default();
-    let (export_output, submit_output) = output_stores(&args, &config)?;
+    let (export_output, submit_output, our_output) = output_stores(&args, &config)?;
     let export = export_bundle(&config, &backend, export_output, &workers);
     let submit = submit_bundle(&config, &backend, submit_output, &workers)?;
 
@@ -131,8 +146,26 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         )),
         None => app,
     };
+    // HFS's recorder and request metrics, as the stock `hfs` binary
+    // installs them, only when someone can scrape them.
+    let watch = metrics_listener.map(|listener| {
+        let mut checks = vec![("HFS database", backend_check(backend.clone()))];
+        if let Some(store) = &our_output {
+            checks.push(("store", crate::watch::store_check(store.clone())));
+        }
+        (listener, crate::watch::for_hfs(our_output.as_ref(), checks))
+    });
+    let app = match watch {
+        Some(_) => app.layer(axum::middleware::from_fn(
+            helios_observability::middleware::track,
+        )),
+        None => app,
+    };
 
     println!("listening on http://{addr}");
+    if let Some((listener, router)) = watch {
+        crate::watch::spawn(listener, router)?;
+    }
     tracing::info!(
         %addr,
         base_url = %config.base_url,
@@ -294,7 +327,13 @@ fn spawn_wal_maintenance(backend: Arc<SqliteBackend>) {
     });
 }
 
-type Outputs = (Arc<dyn ExportOutputStore>, Arc<dyn ExportOutputStore>);
+/// The export and submit stores, and ours when they are ours (for
+/// `--metrics-addr`).
+type Outputs = (
+    Arc<dyn ExportOutputStore>,
+    Arc<dyn ExportOutputStore>,
+    Option<SqliteOutputStore>,
+);
 
 /// The output stores of bulk export and bulk submit.
 ///
@@ -328,7 +367,8 @@ fn output_stores(
             );
             (
                 Arc::new(store.clone().with_access_token_required(export_token)),
-                Arc::new(store.with_access_token_required(true)),
+                Arc::new(store.clone().with_access_token_required(true)),
+                Some(store),
             )
         }
         Output::LocalFs => (
@@ -343,7 +383,19 @@ fn output_stores(
                 path_str(&args.data_dir.join("submit-files"))?,
                 base,
             )),
+            None,
         ),
+    })
+}
+
+/// `/healthz`'s check of HFS's own database: its backend's health check.
+fn backend_check(backend: Arc<SqliteBackend>) -> crate::watch::Check {
+    Arc::new(move || {
+        let backend = backend.clone();
+        Box::pin(async move {
+            use helios_persistence::core::Backend;
+            backend.health_check().await.map_err(|e| e.to_string())
+        })
     })
 }
 

@@ -13,6 +13,8 @@ mod hfs;
 mod ops;
 #[cfg(feature = "server")]
 mod serve;
+#[cfg(feature = "server")]
+mod watch;
 
 /// A SQLite store for FHIR bulk-export output.
 #[derive(Parser)]

@@ -63,6 +63,16 @@ pub struct Args {
     /// zstd or gzip).
     #[arg(long)]
     identity_only: bool,
+    /// Also serve `GET /metrics` (Prometheus text format: requests, bytes
+    /// sent by encoding, download durations, open downloads, the store's
+    /// parts and sizes) and `GET /healthz` (200 while the database answers,
+    /// else 503 with the reason) on a listener of their own at this address
+    /// (port 0 picks a free port), printed as `metrics on http://ADDR` on
+    /// the line after `listening on`. Neither asks for a token: keep it on a
+    /// private address. Off by default, and neither path is then served on
+    /// any port.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the command: serves until Ctrl-C or SIGTERM, then lets open
@@ -123,13 +133,27 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
         let addr = listener.local_addr()?;
+        let metrics_listener = match args.metrics_addr {
+            Some(a) => Some(crate::watch::bind(a).await?),
+            None => None,
+        };
         let base_url = args.base_url.unwrap_or_else(|| format!("http://{addr}"));
         let store = SqliteOutputStore::open_with(&args.db, &base_url, options)?;
+        let (config, watch) = match metrics_listener {
+            Some(listener) => {
+                let (metrics, router) = crate::watch::for_serve(&store);
+                (config.with_metrics(metrics), Some((listener, router)))
+            }
+            None => (config, None),
+        };
         let router = server::router(store, config)?;
         if open && !addr.ip().is_loopback() {
             tracing::warn!(%addr, "serving without any token or signing key on a non-loopback address");
         }
         println!("listening on http://{addr}");
+        if let Some((listener, router)) = watch {
+            crate::watch::spawn(listener, router)?;
+        }
         tracing::info!(%addr, %base_url, db = %args.db.display(), "serving export files");
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
