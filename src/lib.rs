@@ -55,7 +55,8 @@
 //! jobs' fence marks are kept. What the store holds (`list_parts`,
 //! `list_jobs`, `list_tenants`, `file_stats`): [`PartFilter`] in,
 //! [`PartSummary`], [`JobSummary`], [`TenantSummary`] (with their
-//! [`PartTotals`]) and [`FileStats`] out.
+//! [`PartTotals`]) and [`FileStats`] out; `open_frames` reads a part as its
+//! stored zstd frames (a verified `.zst` stream).
 //!
 //! ## The test kit
 //!

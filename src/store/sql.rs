@@ -774,7 +774,13 @@ pub fn list_totals(
     scope: &ListScope<'_>,
     by_job: bool,
 ) -> rusqlite::Result<Vec<ListedTotals>> {
-    let job = if by_job { "p.job_id" } else { "NULL" };
+    // Grouped by exactly the index's leading columns, the groups come in
+    // index order and need no sort.
+    let (job, group) = if by_job {
+        ("p.job_id", "tenant_id, job")
+    } else {
+        ("NULL", "tenant_id")
+    };
     let sql = format!(
         "SELECT tenant_id, job, count(DISTINCT job_id), count(*), sum(finalized),
                 coalesce(sum(line_count), 0), sum(bytes), sum(stored), sum(chunks),
@@ -784,7 +790,7 @@ pub fn list_totals(
                       CASE WHEN p.finalized = 1 THEN p.line_count END AS line_count,
                       {LISTED_FIGURES}, p.created_at_ms, p.finalized_at_ms, p.touched_at_ms
                FROM parts AS p WHERE {})
-         GROUP BY tenant_id, job ORDER BY tenant_id, job",
+         GROUP BY {group} ORDER BY {group}",
         scope.condition()
     );
     conn.prepare_cached(&sql)?

@@ -7,10 +7,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cat;
 mod demo;
+mod export;
 #[cfg(feature = "hfs")]
 mod hfs;
+mod ls;
 mod ops;
+mod partname;
 #[cfg(feature = "server")]
 mod serve;
 #[cfg(feature = "server")]
@@ -40,6 +44,17 @@ enum Command {
     /// Check every finished part and the database's integrity (exit status
     /// 0: all well; 3: problems found; 1: the check could not run).
     Verify(ops::VerifyArgs),
+    /// List what the store holds: tenants, one tenant's jobs (--tenant),
+    /// one job's parts (--job), with states, sizes and ages (exit status 4:
+    /// --tenant/--job matched nothing).
+    Ls(ls::Args),
+    /// Write one finished part's verified NDJSON (or, --frames, its zstd
+    /// frames) to standard output (exit status 3: the part is damaged; 4:
+    /// no such part).
+    Cat(cat::Args),
+    /// Write finished parts as files in HFS's local-fs layout, for its
+    /// LocalFsOutputStore (exit status 3: some parts failed).
+    Export(export::Args),
     /// Measure the store beside its baselines and print one table.
     Bench(bench::Args),
 }
@@ -62,6 +77,9 @@ fn main() -> ExitCode {
         Command::Hfs(a) => hfs::run(a),
         Command::Gc(a) => ops::gc(a),
         Command::Verify(a) => ops::verify(a),
+        Command::Ls(a) => ls::run(a),
+        Command::Cat(a) => cat::run(a),
+        Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

@@ -42,9 +42,9 @@ pub struct VerifyArgs {
     db: PathBuf,
 }
 
-type Failure = Box<dyn std::error::Error>;
+pub(crate) type Failure = Box<dyn std::error::Error>;
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -52,7 +52,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 /// Opens an existing store; the URL base is irrelevant to these commands.
-fn open(db: &Path) -> Result<SqliteOutputStore, Failure> {
+pub(crate) fn open(db: &Path) -> Result<SqliteOutputStore, Failure> {
     if !db.is_file() {
         return Err(format!("no store at {} (no such file)", db.display()).into());
     }
@@ -152,7 +152,7 @@ pub fn verify(args: VerifyArgs) -> Result<ExitCode, Failure> {
     }
 }
 
-fn plural(n: u64) -> &'static str {
+pub(crate) fn plural(n: u64) -> &'static str {
     if n == 1 {
         ""
     } else {
@@ -203,7 +203,7 @@ fn show_duration(d: Duration) -> String {
     }
 }
 
-fn show_bytes(n: u64) -> String {
+pub(crate) fn show_bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     if n < 1024 {
         return format!("{n} B");
