@@ -15,13 +15,17 @@ prints one table:
 - bytes on disk about 2 s after the manifest (the store truncates its WAL
   after 1 s idle): the output db + `-wal` (+ `-shm` shown apart) against the
   total size of DATA_DIR/export-files;
-- the server's peak RSS (VmHWM) and CPU time.
+- the server's peak RSS (VmHWM, reset after start-up) and CPU time.
 
 The data is the crate's seeded synthetic FHIR R4 export (`export-store demo`,
 read back through `export-store serve`), loaded once into one HFS data folder
-over FHIR REST (transaction Bundles of PUTs, so ids and references are kept).
-Every run starts from a copy of that folder, so from the same fhir.db and an
-empty output store. Python 3 standard library only.
+over FHIR REST in Bundles of PUTs, so ids and references are kept: a
+transaction Bundle first, and batch Bundles when HFS refuses it (HFS resolves
+conditional references such as `Practitioner?identifier=...` in transactions
+only, and the data holds no Practitioner), one PUT per resource as the last
+resort. Every run starts from a copy of that folder, written back to disk
+before the server starts, so from the same fhir.db and an empty output store;
+runs alternate sqlite, local-fs, sqlite, ... Python 3 standard library only.
 
     python3 scripts/hfs_side_by_side.py --bin target/release/export-store [--patients N] [--rounds R]
 """
@@ -544,11 +548,17 @@ def one_run(args, work, template, mode, rnd, types, source_ids, digests):
         raise Fail(f"only {mib(free)} free in {work}; a run needs about {mib(need)} "
                    f"(a copy of the loaded data folder and the export)")
     shutil.copytree(template, data_dir)
+    # Write the copy back now: left to the kernel's writeback it would be
+    # hundreds of MB queued in front of the run's first fsyncs, which only
+    # the sqlite store makes.
+    t = time.monotonic()
+    os.sync()
+    r_sync = time.monotonic() - t
     hfs = Server(f"export-store hfs ({mode}, round {rnd})",
                  [args.bin, "hfs", "--data-dir", data_dir, "--output", mode, "--retry-after", "1",
                   "--addr", "127.0.0.1:0"] + (["--batch-size", str(args.batch_size)] if args.batch_size else []),
                  os.path.join(run_dir, "hfs.log"), hfs_env(args.rust_log), args.timeout_start)
-    r = {"mode": mode, "round": rnd}
+    r = {"mode": mode, "round": rnd, "sync": r_sync}
     try:
         time.sleep(args.settle)  # let start-up work (seeding, WAL passes) finish
         st = hfs.proc_status()
