@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cat;
+#[cfg(feature = "s3")]
+mod copy;
 mod demo;
 mod export;
 #[cfg(feature = "hfs")]
@@ -57,6 +59,11 @@ enum Command {
     Export(export::Args),
     /// Measure the store beside its baselines and print one table.
     Bench(bench::Args),
+    /// Copy finished parts into S3 under the keys HFS's S3 output store
+    /// reads (exit status 3: some parts failed; 4: --tenant/--job matched
+    /// nothing; 130: interrupted).
+    #[cfg(feature = "s3")]
+    Copy(copy::Args),
 }
 
 /// The default database path of every command.
@@ -81,6 +88,8 @@ fn main() -> ExitCode {
         Command::Cat(a) => cat::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
+        #[cfg(feature = "s3")]
+        Command::Copy(a) => copy::run(a),
     };
     match result {
         Ok(code) => code,
@@ -106,7 +115,7 @@ fn init_logging() {
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.
-#[cfg(feature = "server")]
+#[cfg(any(feature = "server", feature = "s3"))]
 async fn signal() {
     #[cfg(unix)]
     {
