@@ -18,8 +18,8 @@
 //! starts that part again; the pieces it had sent stay invisible until the
 //! bucket's `AbortIncompleteMultipartUpload` lifecycle rule removes them.
 //!
-//! Exit status: 0 every part copied (or already there; for `--dry-run`,
-//! the plan listed), 1 the copy could not start (no store, no credentials,
+//! Exit status: 0 every part copied or already there (for `--dry-run`:
+//! none would fail), 1 the copy could not start (no store, no credentials,
 //! the endpoint or bucket unreachable), 2 a bad argument, 3 some parts
 //! failed (each named), 4 `--tenant`/`--job` matched no finished part,
 //! 130 interrupted (Ctrl-C or SIGTERM; uploads under way are aborted).
