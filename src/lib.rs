@@ -120,6 +120,9 @@ pub use error::{ErrorKind, StorageError, StorageResult};
 pub use key::{
     ExportJobId, ExportPartKey, TenantContext, TenantId, MAX_FILE_TYPE_BYTES, MAX_ID_BYTES,
 };
+pub use store::backup::{
+    BackupOptions, BackupProgress, BackupReport, DEFAULT_BACKUP_PAUSE, DEFAULT_BACKUP_STEP_PAGES,
+};
 pub use store::digest::{ContentDigest, DigestAlgorithm};
 pub use store::listing::{
     FileStats, JobSummary, PartFilter, PartSummary, PartTotals, TenantSummary,

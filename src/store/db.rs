@@ -203,6 +203,18 @@ impl Db {
             .map_err(|e| join_error(op, e))?
     }
 
+    /// Runs blocking work `f` (file I/O, a connection of its own) on the
+    /// runtime's blocking pool.
+    pub async fn blocking<T, F>(&self, op: &'static str, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> StorageResult<T> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| join_error(op, e))?
+    }
+
     /// A clone of the read pool, for blocking tasks that read on their own.
     pub fn pool(&self) -> r2d2::Pool<SqliteConnectionManager> {
         self.pool.clone()

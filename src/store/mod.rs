@@ -27,12 +27,14 @@
 //! uses the crate's contract (`contract.rs`, `key.rs`, `error.rs`) and
 //! nothing of the server, the test kit or the HFS adapter.
 
+pub(crate) mod backup;
 pub(crate) mod chunk;
 pub(crate) mod codec;
 mod compressor;
 pub(crate) mod db;
 pub(crate) mod digest;
 pub(crate) mod failpoint;
+pub(crate) mod finalize;
 pub(crate) mod listing;
 pub(crate) mod maintenance;
 pub(crate) mod options;
@@ -59,9 +61,9 @@ use db::Db;
 use digest::DigestAlgorithm;
 use options::StoreOptions;
 use reader::{Output, PartReader};
-use sql::{now_ms, PartRow, Publish};
+use sql::{now_ms, PartRow};
 use url::UrlMinter;
-use writer::{check_opened_for, sink_address, PartSink, Registry, SinkConfig};
+use writer::{PartSink, Registry, SinkConfig};
 
 /// What the store knows about a finished part.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,96 +506,20 @@ impl ExportOutputStore for SqliteOutputStore {
         key: &ExportPartKey,
         mut writer: ExportPartWriter,
     ) -> StorageResult<FinalizedPart> {
-        use tokio::io::AsyncWriteExt;
         let op = "finalize_part";
         key.validate(op)?;
-        let part = || key.display();
-        let fail = |e| StorageError::from_io(op, e).in_op(op).or_part(part());
-        // Flush and shut down: a sink that fails either way publishes
-        // nothing. This store's own sink stores everything it holds on
-        // shutdown, so it is only shut down: flushing it first would wait
-        // for the chunks in flight before the last one starts compressing
-        // (measured: a third of an HFS-sized part's finalize latency). A
-        // foreign sink is flushed first, as HFS's stores do, so that its own
-        // failure is what is reported.
-        let addr = sink_address(&*writer.writer);
-        if self.core.registry.lookup(addr).is_none() {
-            writer.writer.flush().await.map_err(fail)?;
-        }
-        writer.writer.shutdown().await.map_err(fail)?;
-        let found = self.core.registry.lookup(addr);
-        check_opened_for(op, key, found.as_ref().map(|(_, k, _)| k))?;
-        let (part_id, _, sealed) = found.expect("checked above");
-        let sealed = sealed.expect("a shut-down sink is sealed");
-        if writer.byte_count != sealed.bytes {
-            return Err(StorageError::invalid(
-                op,
-                format!(
-                    "the part is incomplete: the writer reports {} bytes but the store received {}",
-                    writer.byte_count, sealed.bytes
-                ),
-            )
-            .with_part(part()));
-        }
-        let (fencing, k, lines) = (self.core.options.fencing, key.clone(), writer.line_count);
-        self.core
+        let staged = finalize::seal(self, op, key, &mut writer).await?;
+        let fencing = self.core.options.fencing;
+        let staged = self
+            .core
             .db
             .write_durable(op, move |tx| {
-                let fail = |e| from_sqlite(op, e);
-                match sql::part_state(tx, part_id).map_err(fail)? {
-                    Some(false) => {}
-                    Some(true) => {
-                        return Err(StorageError::invalid(op, "the part was already finalized"))
-                    }
-                    None => {
-                        return Err(StorageError::not_found(
-                            op,
-                            "the staged part no longer exists (deleted or superseded)",
-                        ))
-                    }
-                }
-                let totals = sql::chunk_totals(tx, part_id).map_err(fail)?;
-                if totals.raw_bytes != sealed.bytes
-                    || totals.chunks != sealed.chunks
-                    || !totals.contiguous
-                {
-                    return Err(StorageError::internal(
-                        op,
-                        format!(
-                            "the part is incomplete: {} bytes in {} chunks are stored where \
-                             {} bytes in {} chunks were written",
-                            totals.raw_bytes, totals.chunks, sealed.bytes, sealed.chunks
-                        ),
-                    ));
-                }
-                check_fence(fencing, tx, &k, op)?;
-                sql::delete_finished(tx, &k).map_err(fail)?;
-                let published = sql::publish(
-                    tx,
-                    part_id,
-                    &Publish {
-                        line_count: lines,
-                        byte_count: totals.raw_bytes,
-                        stored_bytes: totals.stored_bytes,
-                        chunk_count: totals.chunks,
-                        digest: &sealed.digest,
-                        digest_algorithm: sealed.digest_algorithm,
-                        now_ms: now_ms(),
-                    },
-                )
-                .map_err(fail)?;
-                debug_assert_eq!(published, 1);
-                Ok(())
+                finalize::publish(tx, fencing, op, &staged)?;
+                Ok(staged)
             })
             .await
-            .map_err(|e| e.or_part(part()))?;
-        self.core.registry.mark_published(addr);
-        Ok(FinalizedPart {
-            key: key.clone(),
-            resource_type: key.resource_type.clone(),
-            line_count: writer.line_count,
-            size_bytes: writer.byte_count,
-        })
+            .map_err(|e| e.or_part(key.display()))?;
+        Ok(staged.finished(self))
     }
 
     async fn download_url(&self, key: &ExportPartKey, ttl: Duration) -> StorageResult<DownloadUrl> {

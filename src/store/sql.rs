@@ -317,6 +317,50 @@ pub fn delete_job(conn: &Connection, tenant: &str, job: &str) -> rusqlite::Resul
         .execute(params![tenant, job])
 }
 
+/// How many parts (staged or finished, under any token) one tenant's job
+/// holds.
+pub fn count_job_parts(conn: &Connection, tenant: &str, job: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT count(*) FROM parts WHERE tenant_id = ?1 AND job_id = ?2")?
+        .query_row(params![tenant, job], |r| r.get::<_, i64>(0))
+        .map(|n| n.max(0) as u64)
+}
+
+/// Deletes every staged (unfinished) part with its chunks. Returns how many
+/// went.
+pub fn delete_all_staged(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.prepare_cached("DELETE FROM parts WHERE finalized = 0")?
+        .execute([])
+}
+
+/// Sets the journal mode (`DELETE`, `WAL`, ...) and returns the mode now in
+/// force, which SQLite keeps unchanged when it cannot switch.
+pub fn set_journal_mode(conn: &Connection, mode: &str) -> rusqlite::Result<String> {
+    conn.query_row(&format!("PRAGMA journal_mode = {mode}"), [], |r| r.get(0))
+}
+
+/// Opens a read transaction and takes its snapshot at once (a deferred
+/// transaction reads nothing until its first statement).
+pub fn begin_snapshot(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN DEFERRED")?;
+    match conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Ends the read transaction [`begin_snapshot`] opened.
+pub fn end_snapshot(conn: &Connection) -> rusqlite::Result<()> {
+    if conn.is_autocommit() {
+        return Ok(());
+    }
+    conn.execute_batch("ROLLBACK")
+}
+
 /// Deletes every part of exactly one tenant.
 pub fn delete_tenant(conn: &Connection, tenant: &str) -> rusqlite::Result<usize> {
     conn.prepare_cached("DELETE FROM parts WHERE tenant_id = ?1")?

@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -139,23 +139,14 @@ async fn demo(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         (&a.resource_type, a.key.part_index).cmp(&(&b.resource_type, b.key.part_index))
     });
 
-    let ttl = Duration::from_secs(24 * 3600);
-    let mut output = Vec::new();
+    let types: Vec<&str> = plan.iter().map(|(t, _)| *t).collect();
+    let manifest =
+        crate::manifest::manifest(&store, &types, &finished, std::slice::from_ref(&error_part))
+            .await?;
     let mut stored = 0u64;
     for p in &finished {
-        let url = store.download_url(&p.key, ttl).await?;
-        output.push(json!({ "type": p.resource_type, "url": url.url, "count": p.line_count }));
         stored += store.part_info(&p.key).await?.stored_bytes;
     }
-    let error_url = store.download_url(&error_part.key, ttl).await?;
-    let manifest = json!({
-        "transactionTime": now_rfc3339(),
-        "request": format!("{}/$export?_type={}", store.base_url(),
-            plan.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(",")),
-        "requiresAccessToken": error_url.requires_access_token,
-        "output": output,
-        "error": [{ "type": "OperationOutcome", "url": error_url.url, "count": error_part.line_count }],
-    });
     println!("{}", serde_json::to_string_pretty(&manifest)?);
 
     let ndjson = bytes.load(Ordering::Relaxed);
@@ -218,12 +209,6 @@ async fn write_error_part(
             .map_err(|e| StorageError::from_io("write_line", e))?;
     }
     store.finalize_part(&key, w).await
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// A progress bar on a terminal; a plain line per resource type when piped.

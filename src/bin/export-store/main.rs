@@ -1,11 +1,13 @@
-//! `export-store`: run a demo export into a store, serve downloads, check
-//! and clean a store, and compare its speed with the baselines.
+//! `export-store`: run a demo export into a store, import bulk NDJSON, serve
+//! downloads, check, clean and back up a store, and compare its speed with
+//! the baselines.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod backup;
 mod bench;
 mod cat;
 #[cfg(feature = "s3")]
@@ -14,7 +16,9 @@ mod demo;
 mod export;
 #[cfg(feature = "hfs")]
 mod hfs;
+mod import;
 mod ls;
+mod manifest;
 mod ops;
 mod partname;
 #[cfg(feature = "server")]
@@ -57,6 +61,15 @@ enum Command {
     /// Write finished parts as files in HFS's local-fs layout, for its
     /// LocalFsOutputStore (exit status 3: some parts failed).
     Export(export::Args),
+    /// Load a folder of bulk NDJSON (`Type.ndjson`, `Type.000.ndjson`, …,
+    /// plain, `.gz` or `.zst`) as one new finished export job and print its
+    /// manifest; all or nothing (exit status 2: input refused, nothing
+    /// imported).
+    Import(import::Args),
+    /// Copy the store online, while writers keep writing, into a verified
+    /// single file (exit status 2: refused; 3: the copy failed
+    /// verification; in both cases nothing is written).
+    Backup(backup::Args),
     /// Measure the store beside its baselines and print one table.
     Bench(bench::Args),
     /// Copy finished parts into S3 under the keys HFS's S3 output store
@@ -87,6 +100,8 @@ fn main() -> ExitCode {
         Command::Ls(a) => ls::run(a),
         Command::Cat(a) => cat::run(a),
         Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
+        Command::Backup(a) => backup::run(a),
         Command::Bench(a) => bench::run(a),
         #[cfg(feature = "s3")]
         Command::Copy(a) => copy::run(a),
