@@ -340,3 +340,197 @@ async fn parts_finished_under_schema_1_keep_and_check_their_sha256_digests() {
     assert_eq!(info.digest, blake3::hash(&data).to_hex().as_str());
     assert!(read_all(&store, &fresh).await.unwrap() == data);
 }
+
+/// A writer of `key` holding `lines` small resources, not finalized.
+async fn staged(
+    store: &SqliteOutputStore,
+    key: &ExportPartKey,
+    lines: usize,
+) -> sqlite_export_store::ExportPartWriter {
+    let mut w = store.open_writer(key).await.unwrap();
+    for i in 0..lines {
+        w.write_line(&format!(
+            r#"{{"resourceType":"{}","id":"r{i}"}}"#,
+            key.resource_type
+        ))
+        .await
+        .unwrap();
+    }
+    w
+}
+
+async fn finished_of(store: &SqliteOutputStore, job: &str) -> Vec<(String, bool)> {
+    store
+        .list_parts(&sqlite_export_store::PartFilter::all().job(ExportJobId::from(job)))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.key.display().to_string(), p.finished))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finalize_parts_publishes_all_or_nothing() {
+    let store = SqliteOutputStore::temporary("http://127.0.0.1:8080").unwrap();
+    let k = |ty: &str, i: u32, t: u64| {
+        ExportPartKey::output("default", ExportJobId::from("j"), ty, i, t)
+    };
+
+    // Three parts of two jobs at once.
+    let other = ExportPartKey::output("default", ExportJobId::from("other"), "Patient", 0, 1);
+    let parts = vec![
+        (
+            k("Patient", 0, 1),
+            staged(&store, &k("Patient", 0, 1), 3).await,
+        ),
+        (
+            k("Patient", 1, 1),
+            staged(&store, &k("Patient", 1, 1), 2).await,
+        ),
+        (other.clone(), staged(&store, &other, 1).await),
+    ];
+    let done = store.finalize_parts(parts).await.unwrap();
+    assert_eq!(
+        done.iter().map(|p| p.line_count).collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+    assert_eq!(
+        read_all(&store, &k("Patient", 1, 1)).await.unwrap(),
+        b"{\"resourceType\":\"Patient\",\"id\":\"r0\"}\n{\"resourceType\":\"Patient\",\"id\":\"r1\"}\n"
+    );
+
+    // One part fenced out (its slot holds token 5): none is published.
+    // (The stale writer opened before the newer claim finalized.)
+    let stale = staged(&store, &k("Encounter", 0, 4), 1).await;
+    let live = staged(&store, &k("Encounter", 0, 5), 1).await;
+    store
+        .finalize_part(&k("Encounter", 0, 5), live)
+        .await
+        .unwrap();
+    let parts = vec![
+        (
+            k("Encounter", 2, 1),
+            staged(&store, &k("Encounter", 2, 1), 4).await,
+        ),
+        (k("Encounter", 0, 4), stale),
+    ];
+    let e = store.finalize_parts(parts).await.unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    assert!(e.to_string().contains("Encounter-0"), "names the part: {e}");
+    assert!(store
+        .part_info(&k("Encounter", 2, 1))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    // Refused before any I/O: nothing, the same key twice.
+    assert!(store
+        .finalize_parts(vec![])
+        .await
+        .unwrap_err()
+        .is_invalid_input());
+    let twice = vec![
+        (
+            k("Device", 0, 1),
+            staged(&store, &k("Device", 0, 1), 1).await,
+        ),
+        (
+            k("Device", 0, 1),
+            staged(&store, &k("Device", 1, 1), 1).await,
+        ),
+    ];
+    assert!(store
+        .finalize_parts(twice)
+        .await
+        .unwrap_err()
+        .is_invalid_input());
+    assert!(store
+        .part_info(&k("Device", 1, 1))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    // The writers of failed calls are dropped with their staging.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let staged_left: Vec<_> = finished_of(&store, "j")
+        .await
+        .into_iter()
+        .filter(|(_, f)| !f)
+        .collect();
+    assert_eq!(staged_left, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finalize_new_job_refuses_to_join_a_job_that_has_parts() {
+    let store = SqliteOutputStore::temporary("http://127.0.0.1:8080").unwrap();
+    let k = |job: &str, i: u32| {
+        ExportPartKey::output("default", ExportJobId::from(job), "Patient", i, 1)
+    };
+    let parts = vec![
+        (k("new", 0), staged(&store, &k("new", 0), 2).await),
+        (k("new", 1), staged(&store, &k("new", 1), 2).await),
+    ];
+    assert_eq!(store.finalize_new_job(parts).await.unwrap().len(), 2);
+
+    // The job exists now: another batch of it is a conflict, even of
+    // other part indexes, and publishes nothing.
+    let parts = vec![(k("new", 2), staged(&store, &k("new", 2), 1).await)];
+    let e = store.finalize_new_job(parts).await.unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    assert!(store
+        .part_info(&k("new", 2))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    // So is a job another writer is staging.
+    let _busy = staged(&store, &k("busy", 9), 1).await;
+    let parts = vec![(k("busy", 0), staged(&store, &k("busy", 0), 1).await)];
+    assert!(store
+        .finalize_new_job(parts)
+        .await
+        .unwrap_err()
+        .is_conflict());
+    // Parts of two jobs are invalid input.
+    let parts = vec![
+        (k("a", 0), staged(&store, &k("a", 0), 1).await),
+        (k("b", 0), staged(&store, &k("b", 0), 1).await),
+    ];
+    assert!(store
+        .finalize_new_job(parts)
+        .await
+        .unwrap_err()
+        .is_invalid_input());
+    assert_eq!(finished_of(&store, "new").await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_to_copies_finished_parts_only_and_refuses_to_overwrite() {
+    use sqlite_export_store::BackupOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteOutputStore::open(dir.path().join("s.db"), "http://127.0.0.1:8080").unwrap();
+    let k = |i: u32| ExportPartKey::output("default", ExportJobId::from("j"), "Patient", i, 1);
+    let data = synthea("Patient.000.ndjson");
+    put(&store, &k(0), &data).await;
+    let _writer = staged(&store, &k(1), 5).await;
+    let dest = dir.path().join("copy.db");
+    let report = store
+        .backup_to(&dest, &BackupOptions::default().with_pages_per_step(2))
+        .await
+        .unwrap();
+    assert_eq!(report.staged_parts_dropped, 1);
+    assert_eq!(report.verify.parts_checked, 1);
+    assert!(report.steps > 1);
+    assert_eq!(report.file_bytes, std::fs::metadata(&dest).unwrap().len());
+    let e = store
+        .backup_to(&dest, &BackupOptions::default())
+        .await
+        .unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    let e = store
+        .backup_to(store.path(), &BackupOptions::default().with_overwrite(true))
+        .await
+        .unwrap_err();
+    assert!(e.is_invalid_input(), "{e}");
+    let copy = SqliteOutputStore::open(&dest, "http://127.0.0.1:8080").unwrap();
+    assert!(read_all(&copy, &k(0)).await.unwrap() == data);
+    assert!(copy.part_info(&k(1)).await.unwrap_err().is_not_found());
+    assert_eq!(finished_of(&copy, "j").await.len(), 1);
+}

@@ -346,7 +346,19 @@ impl TempCopy {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(fail)?;
-        let mode = sql::set_journal_mode(&c, "DELETE").map_err(fail)?;
+        // The store that verified the copy may still be closing its last
+        // pooled connection on the pool's own thread for a moment, and
+        // leaving WAL mode needs the file to itself: retried until then.
+        let deadline = Instant::now() + BUSY_RETRY_FOR;
+        let mode = loop {
+            match sql::set_journal_mode(&c, "DELETE") {
+                Ok(mode) if mode.eq_ignore_ascii_case("delete") || Instant::now() >= deadline => {
+                    break mode
+                }
+                Err(e) if !is_busy(&e) || Instant::now() >= deadline => return Err(fail(e)),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
         c.close().map_err(|(_, e)| fail(e))?;
         if !mode.eq_ignore_ascii_case("delete") || sibling(&self.path, "-wal").exists() {
             return Err(StorageError::internal(
@@ -399,6 +411,13 @@ impl Drop for TempCopy {
             let _ = std::fs::remove_file(sibling(&self.path, suffix));
         }
     }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
