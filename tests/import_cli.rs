@@ -229,12 +229,12 @@ async fn the_synthea_export_comes_back_byte_for_byte_part_by_part() {
     let mut ids = HashSet::new();
     for (ty, parts) in &counts {
         let mut got = Vec::new();
-        for i in 0..parts.len() {
+        for (i, count) in parts.iter().enumerate() {
             let o = run(&db, &["cat", &format!("acme/synthea-1/output/{ty}-{i}@1")]);
             assert_eq!(code(&o), 0, "{}", stderr(&o));
             assert_eq!(
                 o.stdout.iter().filter(|c| **c == b'\n').count() as u64,
-                parts[i]
+                *count
             );
             got.extend_from_slice(&o.stdout);
         }

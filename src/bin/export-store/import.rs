@@ -141,7 +141,7 @@ async fn import(args: Args) -> Result<(), Stop> {
         .job
         .as_deref()
         .map(ExportJobId::from)
-        .unwrap_or_else(ExportJobId::new);
+        .unwrap_or_default();
     let key = |ty: &str, index: u32| {
         ExportPartKey::output(&args.tenant, job.clone(), ty, index, args.token)
     };
