@@ -167,6 +167,9 @@ async fn import(args: Args) -> Result<(), Stop> {
 
     let total_bytes: u64 = plan.iter().flat_map(|t| &t.files).map(|f| f.size).sum();
     let bar = progress_bar(total_bytes);
+    // Cleared however the import ends, so that an error is not printed
+    // beside a half-drawn bar.
+    let _clear = ClearOnDrop(bar.clone());
     let types: Vec<String> = plan.iter().map(|t| t.resource_type.clone()).collect();
     let (tx, mut rx) = mpsc::channel::<Batch>(BATCHES_IN_FLIGHT);
     let reader_bar = bar.clone();
@@ -256,6 +259,17 @@ async fn seal(
         .await
         .map_err(|e| StorageError::from_io("write", e))?;
     Ok((key, writer))
+}
+
+/// Clears the progress bar when dropped.
+struct ClearOnDrop(Option<ProgressBar>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn progress_bar(total: u64) -> Option<ProgressBar> {
