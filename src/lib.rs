@@ -56,7 +56,12 @@
 //! `list_jobs`, `list_tenants`, `file_stats`): [`PartFilter`] in,
 //! [`PartSummary`], [`JobSummary`], [`TenantSummary`] (with their
 //! [`PartTotals`]) and [`FileStats`] out; `open_frames` reads a part as its
-//! stored zstd frames (a verified `.zst` stream).
+//! stored zstd frames (a verified `.zst` stream). Several staged parts are
+//! published in one transaction, all or none, by `finalize_parts` (and
+//! `finalize_new_job`, for a job that must not exist yet). An online copy
+//! of the store: `backup_to` with [`BackupOptions`] ([`DEFAULT_BACKUP_STEP_PAGES`],
+//! [`DEFAULT_BACKUP_PAUSE`]), reporting [`BackupProgress`] and a
+//! [`BackupReport`].
 //!
 //! ## The test kit
 //!

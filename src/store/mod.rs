@@ -5,9 +5,11 @@
 //!
 //! - orchestration: this file (opening a store, and the trait's methods:
 //!   validation, then SQL from [`sql`] run through the bridge in [`db`],
-//!   with writers and readers from [`writer`] and [`reader`]) and
-//!   `maintenance.rs` (the operator's methods: reclaim, prune, verify,
-//!   space);
+//!   with writers and readers from [`writer`] and [`reader`]),
+//!   `finalize.rs` (sealing writers and publishing their parts, one at a
+//!   time or several in one transaction), `maintenance.rs` (the operator's
+//!   methods: reclaim, prune, verify, space) and `backup.rs` (the online
+//!   copy);
 //! - the streams: `writer.rs` (the staging `AsyncWrite`), `reader.rs`
 //!   (the verifying `AsyncRead`) and `chunk.rs` (one stored chunk read
 //!   back, for the reader, verify and downloads);
