@@ -286,6 +286,100 @@ async fn the_synthea_export_comes_back_byte_for_byte_part_by_part() {
     assert_eq!(manifest["output"].as_array().unwrap().len() as u64, parts);
 }
 
+/// A Bulk Data client's download folder, as smart-fetch leaves it: numbered
+/// output files (one gzip), its own `log.ndjson` and `.metadata`, the
+/// `error/` and `deleted/` subfolders, and a README. It imports as it is:
+/// output, error and deleted parts, each in the manifest's own array, the
+/// companions skipped and named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_data_client_download_folder_imports_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("store.db");
+    let dir = tmp.path().join("download");
+    std::fs::create_dir_all(dir.join("error")).unwrap();
+    std::fs::create_dir_all(dir.join("deleted")).unwrap();
+    let patients = ndjson(&synthea_lines("Patient"));
+    let conditions = ndjson(&synthea_lines("Condition"));
+    std::fs::write(dir.join("Patient.000.ndjson"), &patients).unwrap();
+    std::fs::write(dir.join("Condition.000.ndjson.gz"), gzip(&conditions)).unwrap();
+    std::fs::write(
+        dir.join("log.ndjson"),
+        b"{\"exportId\":\"x\",\"timestamp\":\"2026-11-30T00:00:00Z\",\"eventId\":\"kickoff\",\"eventDetail\":{}}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join(".metadata"), b"{\"done\":true}").unwrap();
+    std::fs::write(dir.join("README.md"), b"# downloaded\n").unwrap();
+    let outcomes = lines_of(&[
+        r#"{"resourceType":"OperationOutcome","id":"oo-1","issue":[{"severity":"error","code":"processing"}]}"#.into(),
+        r#"{"resourceType":"OperationOutcome","id":"oo-2","issue":[{"severity":"warning","code":"processing"}]}"#.into(),
+    ]);
+    std::fs::write(dir.join("error/OperationOutcome.000.ndjson"), &outcomes).unwrap();
+    let deleted = lines_of(&[r#"{"resourceType":"Bundle","id":"del-1","type":"transaction","entry":[{"request":{"method":"DELETE","url":"Patient/gone"}}]}"#.into()]);
+    std::fs::write(dir.join("deleted/Bundle.000.ndjson"), &deleted).unwrap();
+
+    let o = import(&db, &dir, &["--tenant", "t", "--job", "download"]);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 0, "{err}");
+    for skipped in ["log.ndjson", "README.md"] {
+        assert!(
+            err.contains(&format!("skipped {}", dir.join(skipped).display())),
+            "{err}"
+        );
+    }
+    let manifest: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        manifest["request"],
+        format!("{BASE}/$export?_type=Condition,Patient")
+    );
+    let entries = |array: &str| -> Vec<(String, u64)> {
+        manifest[array]
+            .as_array()
+            .unwrap_or_else(|| panic!("{array} in {manifest}"))
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap().to_string(),
+                    e["count"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let count = |b: &[u8]| b.iter().filter(|c| **c == b'\n').count() as u64;
+    assert_eq!(
+        entries("output"),
+        vec![
+            ("Condition".to_string(), count(&conditions)),
+            ("Patient".to_string(), count(&patients)),
+        ]
+    );
+    assert_eq!(entries("error"), vec![("OperationOutcome".to_string(), 2)]);
+    assert_eq!(entries("deleted"), vec![("Bundle".to_string(), 1)]);
+    // Each part reads back byte for byte under its own file type.
+    for (part, bytes) in [
+        ("output/Patient-0@1", &patients),
+        ("output/Condition-0@1", &conditions),
+        ("error/OperationOutcome-0@1", &outcomes),
+        ("deleted/Bundle-0@1", &deleted),
+    ] {
+        let o = run(&db, &["cat", &format!("t/download/{part}")]);
+        assert_eq!(code(&o), 0, "{part}: {}", stderr(&o));
+        assert_eq!(&o.stdout, bytes, "{part}");
+    }
+    assert_eq!(job_parts(&db, "t", "download").await.len(), 4);
+
+    // Any other subfolder, or one inside error/, is refused: nothing imported.
+    std::fs::create_dir_all(dir.join("error/nested")).unwrap();
+    let o = import(&db, &dir, &["--tenant", "t", "--job", "nested"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("a folder"), "{}", stderr(&o));
+    std::fs::remove_dir(dir.join("error/nested")).unwrap();
+    std::fs::create_dir_all(dir.join("more")).unwrap();
+    let o = import(&db, &dir, &["--tenant", "t", "--job", "more"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(job_parts(&db, "t", "more").await.is_empty());
+    assert!(job_parts(&db, "t", "nested").await.is_empty());
+}
+
 /// One refused folder: what it holds besides good files, and what the
 /// error must say.
 struct Hostile {

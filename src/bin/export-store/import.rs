@@ -7,8 +7,14 @@
 //! (`.ndjson.zst`) compressed. A type's files are read in order (the
 //! unnumbered one first, then by number) and their resources cut into parts
 //! of `--per-part` resources, part index from 0 per type, file type
-//! `output`, fencing token `--token`. Files whose name starts with a dot are
-//! ignored; anything else in the folder is refused.
+//! `output`, fencing token `--token`. The `error/` and `deleted/`
+//! subfolders a Bulk Data client such as smart-fetch writes are read the
+//! same way, as `error` parts (OperationOutcomes) and `deleted` parts
+//! (Bundles), and listed in the manifest's `error` and `deleted` arrays.
+//! Files whose name starts with a dot are ignored, and so are the companion
+//! files of a download or a published data set (smart-fetch's `log.ndjson`,
+//! `manifest.json`, `README*`, `LICENSE*`, `NOTICE*`: each named on standard
+//! error); anything else in the folder is refused.
 //!
 //! Every line must be one FHIR resource: a JSON object with a string
 //! `resourceType` equal to the file name's type and a string `id` that is a
@@ -37,8 +43,8 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlite_export_store::{
-    ExportJobId, ExportOutputStore, ExportPartKey, ExportPartWriter, PartFilter, SqliteOutputStore,
-    StorageError,
+    ExportJobId, ExportOutputStore, ExportPartKey, ExportPartWriter, FinalizedPart, PartFilter,
+    SqliteOutputStore, StorageError,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -60,7 +66,9 @@ const BATCHES_IN_FLIGHT: usize = 8;
 #[derive(clap::Args)]
 pub struct Args {
     /// The folder of bulk NDJSON files: `Type.ndjson` or `Type.000.ndjson`,
-    /// `Type.001.ndjson`, …, each possibly `.gz` or `.zst` compressed.
+    /// `Type.001.ndjson`, …, each possibly `.gz` or `.zst` compressed, and
+    /// the same in its `error/` and `deleted/` subfolders (a Bulk Data
+    /// client's download folder, such as smart-fetch's, imports as it is).
     dir: PathBuf,
     /// Tenant the job belongs to.
     #[arg(long)]
@@ -136,17 +144,18 @@ pub fn run(args: Args) -> Result<ExitCode, Failure> {
 
 async fn import(args: Args) -> Result<(), Stop> {
     let started = Instant::now();
-    let plan = plan(&args.dir).map_err(Stop::Refused)?;
+    let (plan, skipped) = plan(&args.dir).map_err(Stop::Refused)?;
     let job = args
         .job
         .as_deref()
         .map(ExportJobId::from)
         .unwrap_or_default();
-    let key = |ty: &str, index: u32| {
-        ExportPartKey::output(&args.tenant, job.clone(), ty, index, args.token)
+    let key = |file_type: &str, ty: &str, index: u32| ExportPartKey {
+        file_type: file_type.to_string(),
+        ..ExportPartKey::output(&args.tenant, job.clone(), ty, index, args.token)
     };
     // Ids checked before the store is opened, so that a bad one creates no file.
-    key(&plan[0].resource_type, 0)
+    key(plan[0].file_type, &plan[0].resource_type, 0)
         .validate("import")
         .map_err(store_stop)?;
     let store = SqliteOutputStore::open(&args.db, &args.base_url)
@@ -170,7 +179,13 @@ async fn import(args: Args) -> Result<(), Stop> {
     // Cleared however the import ends, so that an error is not printed
     // beside a half-drawn bar.
     let _clear = ClearOnDrop(bar.clone());
-    let types: Vec<String> = plan.iter().map(|t| t.resource_type.clone()).collect();
+    for path in &skipped {
+        eprintln!("import: skipped {} (not export data)", path.display());
+    }
+    let types: Vec<(&'static str, String)> = plan
+        .iter()
+        .map(|t| (t.file_type, t.resource_type.clone()))
+        .collect();
     let (tx, mut rx) = mpsc::channel::<Batch>(BATCHES_IN_FLIGHT);
     let reader_bar = bar.clone();
     let reading = tokio::task::spawn_blocking(move || read_all(&plan, &tx, reader_bar.as_ref()));
@@ -190,7 +205,8 @@ async fn import(args: Args) -> Result<(), Stop> {
             if current.is_none() {
                 let index = next_index[batch.type_index];
                 next_index[batch.type_index] += 1;
-                let k = key(&types[batch.type_index], index);
+                let (file_type, ty) = &types[batch.type_index];
+                let k = key(file_type, ty, index);
                 let w = store.open_writer(&k).await.map_err(store_stop)?;
                 current = Some((batch.type_index, k, w));
             }
@@ -220,8 +236,27 @@ async fn import(args: Args) -> Result<(), Stop> {
         bar.finish_and_clear();
     }
 
-    let type_names: Vec<&str> = types.iter().map(String::as_str).collect();
-    let manifest = crate::manifest::manifest(&store, &type_names, &finished, &[]).await?;
+    // The request names the exported types: those of the output files.
+    let type_names: Vec<&str> = types
+        .iter()
+        .filter(|(f, _)| *f == "output")
+        .map(|(_, t)| t.as_str())
+        .collect();
+    let of = |file_type: &str| -> Vec<FinalizedPart> {
+        finished
+            .iter()
+            .filter(|p| p.key.file_type == file_type)
+            .cloned()
+            .collect()
+    };
+    let manifest = crate::manifest::manifest_with_deleted(
+        &store,
+        &type_names,
+        &of("output"),
+        &of("error"),
+        &of("deleted"),
+    )
+    .await?;
     println!("{}", serde_json::to_string_pretty(&manifest)?);
 
     let resources: u64 = finished.iter().map(|p| p.line_count).sum();
@@ -317,21 +352,82 @@ struct InputFile {
     size: u64,
 }
 
-/// One resource type's files, in reading order.
+/// One resource type's files of one file type, in reading order.
 #[derive(Debug, Clone)]
 struct TypeFiles {
+    /// `output`, or `error` / `deleted` for the files of those subfolders.
+    file_type: &'static str,
     resource_type: String,
     files: Vec<InputFile>,
 }
 
 const NAMING: &str = "expected Type.ndjson or Type.000.ndjson, optionally .gz or .zst";
 
-/// The folder's files by resource type (types in name order, each type's
-/// files unnumbered first, then by number), or why the folder is refused.
-fn plan(dir: &Path) -> Result<Vec<TypeFiles>, String> {
+/// The subfolders a Bulk Data client writes beside the output files, and
+/// the file type their files are imported as (smart-fetch writes
+/// `error/OperationOutcome.000.ndjson` and `deleted/Bundle.000.ndjson`).
+const SUBFOLDERS: [&str; 2] = ["error", "deleted"];
+
+/// Files that sit beside bulk NDJSON without being part of it, skipped by
+/// name: smart-fetch's own `log.ndjson`, a saved manifest, and the notes a
+/// published data set carries (`README`, `LICENSE`, `NOTICE`, any
+/// extension).
+fn is_companion(name: &str) -> bool {
+    let stem = name.split('.').next().unwrap_or(name);
+    name == "log.ndjson"
+        || name == "manifest.json"
+        || ["README", "LICENSE", "NOTICE"]
+            .iter()
+            .any(|c| stem.eq_ignore_ascii_case(c))
+}
+
+/// The folder's files by file type and resource type (`output` first, then
+/// `error/`, then `deleted/`; types in name order, each type's files
+/// unnumbered first, then by number), the companion files skipped, or why
+/// the folder is refused.
+fn plan(dir: &Path) -> Result<(Vec<TypeFiles>, Vec<PathBuf>), String> {
+    let mut types = std::collections::BTreeMap::new();
+    let mut skipped = Vec::new();
+    scan(dir, "output", true, &mut types, &mut skipped)?;
+    if types.is_empty() {
+        return Err(format!(
+            "{}: holds no NDJSON file ({NAMING})",
+            dir.display()
+        ));
+    }
+    let order = |ft: &str| ["output", "error", "deleted"].iter().position(|f| *f == ft);
+    let mut plan: Vec<TypeFiles> = types
+        .into_iter()
+        .map(
+            |((file_type, resource_type), mut files): ((&'static str, String), Vec<InputFile>)| {
+                files.sort_by_key(|f| f.number);
+                TypeFiles {
+                    file_type,
+                    resource_type,
+                    files,
+                }
+            },
+        )
+        .collect();
+    plan.sort_by(|a, b| {
+        (order(a.file_type), &a.resource_type).cmp(&(order(b.file_type), &b.resource_type))
+    });
+    Ok((plan, skipped))
+}
+
+type Found = std::collections::BTreeMap<(&'static str, String), Vec<InputFile>>;
+
+/// Adds the files of `dir` as `file_type` files; at the top (`top`), the
+/// `error/` and `deleted/` subfolders too.
+fn scan(
+    dir: &Path,
+    file_type: &'static str,
+    top: bool,
+    types: &mut Found,
+    skipped: &mut Vec<PathBuf>,
+) -> Result<(), String> {
     let shown = dir.display();
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{shown}: cannot read it: {e}"))?;
-    let mut types: std::collections::BTreeMap<String, Vec<InputFile>> = Default::default();
     for entry in entries {
         let entry = entry.map_err(|e| format!("{shown}: cannot read it: {e}"))?;
         let path = entry.path();
@@ -348,14 +444,27 @@ fn plan(dir: &Path) -> Result<Vec<TypeFiles>, String> {
         let meta = std::fs::metadata(&path)
             .map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
         if meta.is_dir() {
-            return Err(format!(
-                "{}: a folder; import reads the NDJSON files of one folder (move it out)",
-                path.display()
-            ));
+            match SUBFOLDERS.iter().find(|f| **f == name) {
+                Some(sub) if top => scan(&path, sub, false, types, skipped)?,
+                _ => {
+                    return Err(format!(
+                        "{}: a folder; import reads the NDJSON files of one folder and of its \
+                         error/ and deleted/ subfolders (move it out)",
+                        path.display()
+                    ))
+                }
+            }
+            continue;
+        }
+        if is_companion(name) {
+            skipped.push(path);
+            continue;
         }
         let (resource_type, number, compression) =
             parse_name(name).map_err(|why| format!("{}: {why}", path.display()))?;
-        let files = types.entry(resource_type.to_string()).or_default();
+        let files = types
+            .entry((file_type, resource_type.to_string()))
+            .or_default();
         if let Some(other) = files.iter().find(|f| f.number == number) {
             return Err(format!(
                 "{} and {} both hold {resource_type} file {}; keep one",
@@ -371,19 +480,7 @@ fn plan(dir: &Path) -> Result<Vec<TypeFiles>, String> {
             size: meta.len(),
         });
     }
-    if types.is_empty() {
-        return Err(format!("{shown}: holds no NDJSON file ({NAMING})"));
-    }
-    Ok(types
-        .into_iter()
-        .map(|(resource_type, mut files)| {
-            files.sort_by_key(|f| f.number);
-            TypeFiles {
-                resource_type,
-                files,
-            }
-        })
-        .collect())
+    Ok(())
 }
 
 /// `Patient.003.ndjson.gz` → (`Patient`, `Some(3)`, gzip).
@@ -677,6 +774,30 @@ mod tests {
             "README.md",
         ] {
             assert!(parse_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn companion_files_are_told_apart_from_data() {
+        for name in [
+            "log.ndjson",
+            "manifest.json",
+            "README",
+            "README.md",
+            "readme.txt",
+            "LICENSE",
+            "NOTICE.txt",
+        ] {
+            assert!(is_companion(name), "{name}");
+        }
+        for name in [
+            "Patient.ndjson",
+            "Log.ndjson",
+            "notes.txt",
+            "READMEX.md",
+            "log.000.ndjson",
+        ] {
+            assert!(!is_companion(name), "{name}");
         }
     }
 

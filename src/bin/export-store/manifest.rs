@@ -20,17 +20,35 @@ pub async fn manifest(
     output: &[FinalizedPart],
     error: &[FinalizedPart],
 ) -> Result<Value, StorageError> {
+    manifest_with_deleted(store, types, output, error, &[]).await
+}
+
+/// [`manifest`] with `deleted` parts too: the Bulk Data `deleted` array
+/// (Bundles of the resources deleted since `_since`), present only when
+/// there are such parts, as the specification makes it optional.
+pub async fn manifest_with_deleted(
+    store: &SqliteOutputStore,
+    types: &[&str],
+    output: &[FinalizedPart],
+    error: &[FinalizedPart],
+    deleted: &[FinalizedPart],
+) -> Result<Value, StorageError> {
     let (output, output_token) = entries(store, output).await?;
     let (error, error_token) = entries(store, error).await?;
-    Ok(json!({
+    let (deleted, deleted_token) = entries(store, deleted).await?;
+    let mut manifest = json!({
         "transactionTime": now_rfc3339(),
         "request": format!("{}/$export?_type={}", store.base_url(), types.join(",")),
         // Every URL of one store says the same; a manifest without one
         // says what Bulk Data clients assume safest.
-        "requiresAccessToken": output_token.or(error_token).unwrap_or(true),
+        "requiresAccessToken": output_token.or(error_token).or(deleted_token).unwrap_or(true),
         "output": output,
         "error": error,
-    }))
+    });
+    if !deleted.is_empty() {
+        manifest["deleted"] = Value::Array(deleted);
+    }
+    Ok(manifest)
 }
 
 /// One manifest entry per part, and whether their URLs need a token.
