@@ -18,7 +18,7 @@ pub mod sql {
 /// The chunk codec: frames for hand-made staging, and the codec ceiling the
 /// benchmarks print beside the store's figures.
 pub mod codec {
-    pub use crate::store::codec::{compress, decompress_into};
+    pub use crate::store::codec::{compress, decompress_into, FrameCompressor};
 }
 
 /// The migrations and the schema version: files of an older or newer

@@ -21,12 +21,16 @@ thread_local! {
 /// with them, for the next ones. A fresh chunk buffer is a fresh mapping
 /// of a MiB that page-faults on first touch and is unmapped when freed:
 /// measured on an HFS-sized part (1.6 MB), that cost 0.9 ms of a 1.2 ms
-/// write whenever other work had run in between. At most
-/// [`POOLED_BUFFERS`] buffers wait here.
+/// write whenever other work had run in between. Writers keep no buffers
+/// of their own but the one they fill: a chunk's buffer comes back here as
+/// soon as it is compressed. At most [`pooled_buffers`] buffers wait here.
 static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// Buffers [`BUFFERS`] keeps at most.
-const POOLED_BUFFERS: usize = 8;
+/// Buffers [`BUFFERS`] keeps at most: four per core, as many as the
+/// writers' chunks being compressed (three per core) and then some.
+fn pooled_buffers() -> usize {
+    4 * cores()
+}
 
 /// The largest buffer worth keeping (a 4 MiB chunk and its slack byte).
 const POOLED_CAPACITY: usize = (4 << 20) + 1;
@@ -36,7 +40,9 @@ const POOLED_CAPACITY: usize = (4 << 20) + 1;
 pub(crate) fn take_buffer(capacity: usize) -> Vec<u8> {
     let pooled = {
         let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-        let at = pool.iter().position(|b| b.capacity() >= capacity);
+        // The most recently given back first: it is the likeliest to be
+        // still in a cache.
+        let at = pool.iter().rposition(|b| b.capacity() >= capacity);
         at.map(|i| pool.swap_remove(i))
     };
     pooled.unwrap_or_else(|| Vec::with_capacity(capacity))
@@ -50,26 +56,66 @@ pub(crate) fn recycle_buffer(mut buf: Vec<u8>) {
     }
     buf.clear();
     let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-    if pool.len() < POOLED_BUFFERS {
+    if pool.len() < pooled_buffers() {
         pool.push(buf);
     }
 }
 
 type Compressor = zstd::bulk::Compressor<'static>;
 
-/// Compression contexts, shared by every thread: creating one costs more
-/// than compressing a small chunk, and each holds about a MiB. Chunks are
-/// compressed by the compression workers (one per core) and [`compress`]
-/// callers take turns (one per core), so few contexts exist however many
-/// writers there are (measured: 16 parts written at once peaked at 93 MiB
-/// of RSS instead of 143 to 166 MiB with a context per thread, at the same
-/// throughput).
+/// One thread's compression context: chunks compressed one after another
+/// into frames with content size and content checksum, reusing its zstd
+/// context (creating one costs more than compressing a small chunk) and
+/// its room for one frame (a frame is compressed there, then copied out
+/// at its exact size: zstd's own `compress` hands out a buffer as large as
+/// the chunk, a fresh mapping per frame). About a MiB each.
+pub struct FrameCompressor {
+    level: i32,
+    ctx: Compressor,
+    scratch: Vec<u8>,
+}
+
+impl FrameCompressor {
+    /// A context for frames at zstd `level`.
+    pub fn new(level: i32) -> StorageResult<FrameCompressor> {
+        let mut ctx = Compressor::new(level).map_err(compress_failed)?;
+        ctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .map_err(compress_failed)?;
+        ctx.include_contentsize(true).map_err(compress_failed)?;
+        Ok(FrameCompressor {
+            level,
+            ctx,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Compresses `raw` as one frame.
+    pub fn compress(&mut self, raw: &[u8]) -> StorageResult<Vec<u8>> {
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        let n = self
+            .ctx
+            .compress_to_buffer(raw, &mut self.scratch)
+            .map_err(compress_failed)?;
+        let frame = self.scratch[..n].to_vec();
+        if self.scratch.capacity() > POOLED_CAPACITY * 2 {
+            self.scratch = Vec::new();
+        }
+        Ok(frame)
+    }
+}
+
+fn compress_failed(e: std::io::Error) -> StorageError {
+    StorageError::internal("compress", "zstd compression failed").with_source(e)
+}
+
+/// Compression contexts for [`compress`] callers, shared by every thread:
+/// they take turns (one per core), so few contexts exist however many
+/// callers there are. The chunk workers keep a context each instead
+/// ([`compress_now`]).
 struct Contexts {
-    /// Idle contexts by level, each with room for one frame: a frame is
-    /// compressed there, then copied out at its exact size (zstd's own
-    /// `compress` hands out a buffer as large as the chunk, a fresh
-    /// mapping per frame).
-    idle: Vec<(i32, Compressor, Vec<u8>)>,
+    idle: Vec<FrameCompressor>,
     busy: usize,
 }
 
@@ -78,6 +124,15 @@ static CONTEXTS: Mutex<Contexts> = Mutex::new(Contexts {
     busy: 0,
 });
 static CONTEXT_FREED: Condvar = Condvar::new();
+
+thread_local! {
+    // A chunk worker's own context: it stays on the worker's core, and the
+    // workers share nothing but their job queue. Workers are one per core,
+    // so contexts stay few however many parts are written (a context per
+    // blocking-pool thread once peaked at 143 to 166 MiB of RSS with 16
+    // parts written at once).
+    static WORKER_CONTEXT: RefCell<Option<FrameCompressor>> = const { RefCell::new(None) };
+}
 
 fn cores() -> usize {
     static CORES: OnceLock<usize> = OnceLock::new();
@@ -114,45 +169,34 @@ impl Drop for Turn {
 /// content checksum. Waits while every core is already compressing.
 pub fn compress(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
     let _turn = Turn::wait();
-    compress_now(raw, level)
-}
-
-/// [`compress`] without waiting for a turn: for the compression workers,
-/// which are themselves one per core.
-pub(crate) fn compress_now(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
-    let fail = |e: std::io::Error| {
-        StorageError::internal("compress", "zstd compression failed").with_source(e)
-    };
     let reused = {
         let mut c = contexts();
-        let at = c.idle.iter().position(|(l, _, _)| *l == level);
-        at.map(|i| {
-            let (_, ctx, scratch) = c.idle.swap_remove(i);
-            (ctx, scratch)
-        })
+        let at = c.idle.iter().position(|f| f.level == level);
+        at.map(|i| c.idle.swap_remove(i))
     };
-    let (mut ctx, mut scratch) = match reused {
-        Some(reused) => reused,
-        None => {
-            let mut ctx = Compressor::new(level).map_err(fail)?;
-            ctx.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-                .map_err(fail)?;
-            ctx.include_contentsize(true).map_err(fail)?;
-            (ctx, Vec::new())
-        }
+    let mut ctx = match reused {
+        Some(ctx) => ctx,
+        None => FrameCompressor::new(level)?,
     };
-    scratch.clear();
-    scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-    let n = ctx.compress_to_buffer(raw, &mut scratch).map_err(fail)?;
-    let frame = scratch[..n].to_vec();
-    if scratch.capacity() > POOLED_CAPACITY * 2 {
-        scratch = Vec::new();
-    }
+    let frame = ctx.compress(raw)?;
     let mut c = contexts();
     if c.idle.len() < cores() {
-        c.idle.push((level, ctx, scratch));
+        c.idle.push(ctx);
     }
     Ok(frame)
+}
+
+/// [`compress`] with the calling thread's own context, without waiting for
+/// a turn: for the chunk workers, which are themselves one per core.
+pub(crate) fn compress_now(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
+    WORKER_CONTEXT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ctx = match slot.as_mut() {
+            Some(ctx) if ctx.level == level => ctx,
+            _ => slot.insert(FrameCompressor::new(level)?),
+        };
+        ctx.compress(raw)
+    })
 }
 
 /// Decompresses one stored frame that must hold exactly `raw_len` bytes.
@@ -275,6 +319,6 @@ mod tests {
         assert!(pool
             .iter()
             .all(|b| b.capacity() <= POOLED_CAPACITY && b.is_empty()));
-        assert!(pool.len() <= POOLED_BUFFERS);
+        assert!(pool.len() <= pooled_buffers());
     }
 }

@@ -30,9 +30,10 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
 
 /// One unit of work for a compression worker.
 pub(crate) type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -60,6 +61,24 @@ fn state() -> MutexGuard<'static, State> {
 fn max_workers() -> usize {
     static CORES: OnceLock<usize> = OnceLock::new();
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+/// Writer chunks per worker that may be handed over at once, process-wide.
+const SLOTS_PER_WORKER: usize = 3;
+
+/// The slots of writer chunks that are being compressed or wait for a
+/// worker, shared by every writer of every store of the process (a
+/// writer's own limit, `in_flight_chunks`, applies within them). A writer
+/// takes one before it hands a chunk over, in turn (the semaphore is
+/// fair), and the chunk's job gives it back once the chunk is compressed
+/// and queued for its store: never later, so a store that is slow to store
+/// holds no slot that another store's writers need. Three per worker: one
+/// being compressed and two waiting, so a worker that finishes finds the
+/// next chunk ready however the writers take turns, while the raw chunks in
+/// flight stay a few per core, however many parts are written at once.
+pub(crate) fn writer_slots() -> &'static Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS.get_or_init(|| Arc::new(Semaphore::new(SLOTS_PER_WORKER * max_workers())))
 }
 
 /// Runs `job` on a compression worker, after the jobs submitted before it.

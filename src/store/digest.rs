@@ -170,6 +170,14 @@ pub(crate) struct ChunkHash {
     alone: Option<blake3::Hash>,
 }
 
+impl ChunkHash {
+    /// Whether the chunk was hashed apart, so that [`PartHasher`] needs
+    /// only its length ([`PartHasher::push_hashed`]).
+    pub fn is_apart(&self) -> bool {
+        self.cv.is_some()
+    }
+}
+
 /// Hashes one chunk that starts at `raw_offset` of its part, if it can be
 /// hashed apart: `algorithm` is BLAKE3 and the chunk is a complete subtree
 /// there (the first chunk: a power of two of at least 1 KiB; a later one:
@@ -255,8 +263,28 @@ impl PartHasher {
     /// chunk before the last that is not as long as the first, or a chunk
     /// that is not a subtree): the store never writes such a part.
     pub fn push(&mut self, bytes: &[u8], hash: ChunkHash) -> StorageResult<()> {
-        let len = bytes.len() as u64;
+        self.push_chunk(bytes.len() as u64, Some(bytes), hash)
+    }
+
+    /// [`push`](Self::push) for a chunk of `len` bytes that was hashed
+    /// apart ([`hash_chunk`] gave it a chaining value), so that its bytes
+    /// are not needed: whoever hashed it may already have reused them. A
+    /// chunk without a chaining value fails as corrupt, since it would
+    /// have to be hashed here.
+    pub fn push_hashed(&mut self, len: u64, hash: ChunkHash) -> StorageResult<()> {
+        self.push_chunk(len, None, hash)
+    }
+
+    fn push_chunk(&mut self, len: u64, bytes: Option<&[u8]>, hash: ChunkHash) -> StorageResult<()> {
         self.chunks += 1;
+        fn in_order(bytes: Option<&[u8]>) -> StorageResult<&[u8]> {
+            bytes.ok_or_else(|| {
+                StorageError::corrupt(
+                    "digest",
+                    "a chunk that was not hashed apart came without its bytes",
+                )
+            })
+        }
         match &mut self.mode {
             HashMode::Start => match (hash.cv, hash.alone) {
                 (Some(cv), alone) => {
@@ -269,11 +297,11 @@ impl PartHasher {
                 }
                 _ => {
                     let mut d = ContentDigest::of(self.algorithm);
-                    d.update(bytes);
+                    d.update(in_order(bytes)?);
                     self.mode = HashMode::Sequential(d);
                 }
             },
-            HashMode::Sequential(d) => d.update(bytes),
+            HashMode::Sequential(d) => d.update(in_order(bytes)?),
             HashMode::Tree {
                 unit, stack, last, ..
             } => {
@@ -355,12 +383,23 @@ mod tests {
             .collect()
     }
 
+    /// The digest of `data` in chunks, pushed with their bytes (as readers
+    /// do) and, where the chunk size lets chunks be hashed apart, by length
+    /// only when they were (as writers do): both give the same digest.
     fn by_chunks(alg: DigestAlgorithm, data: &[u8], chunk: usize) -> String {
-        let mut h = PartHasher::new(alg);
+        let (mut with_bytes, mut by_length) = (PartHasher::new(alg), PartHasher::new(alg));
         for (i, c) in data.chunks(chunk).enumerate() {
-            h.push(c, hash_chunk(alg, (i * chunk) as u64, c)).unwrap();
+            let hash = hash_chunk(alg, (i * chunk) as u64, c);
+            if tree_compatible(chunk) && hash.is_apart() {
+                by_length.push_hashed(c.len() as u64, hash.clone()).unwrap();
+            } else {
+                by_length.push(c, hash.clone()).unwrap();
+            }
+            with_bytes.push(c, hash).unwrap();
         }
-        h.finish_hex()
+        let digest = with_bytes.finish_hex();
+        assert_eq!(by_length.finish_hex(), digest);
+        digest
     }
 
     #[test]
@@ -438,6 +477,12 @@ mod tests {
             .unwrap();
         let e = h
             .push(&data[1024..3072], hash_chunk(alg, 1024, &data[1024..3072]))
+            .unwrap_err();
+        assert!(e.is_corrupt(), "{e}");
+        // A chunk that needs its bytes hashed cannot come by length only.
+        let mut h = PartHasher::new(alg);
+        let e = h
+            .push_hashed(1000, hash_chunk(alg, 0, &data[..1000]))
             .unwrap_err();
         assert!(e.is_corrupt(), "{e}");
     }

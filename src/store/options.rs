@@ -45,7 +45,7 @@ impl Default for StoreOptions {
             fencing: true,
             busy_timeout: Duration::from_secs(5),
             staging_retry: Duration::from_secs(60),
-            in_flight_chunks: 2,
+            in_flight_chunks: 4,
             read_ahead: 4,
             signing_key: None,
             max_database_size: None,
@@ -117,7 +117,11 @@ impl StoreOptions {
     }
     /// Chunks one writer may have in compression at once before it applies
     /// backpressure (compressed chunks waiting for SQLite are bounded
-    /// separately, and cost only their frames). Default 2; 1 to 16.
+    /// separately, and cost only their frames). Every writer of the process
+    /// also takes turns for a few slots per core, so that chunks in
+    /// compression stay a few per core however many parts are written at
+    /// once. Default 4, so that one part alone keeps two cores busy; 1 to
+    /// 16.
     pub fn with_in_flight_chunks(mut self, n: usize) -> Self {
         self.in_flight_chunks = n;
         self

@@ -6,12 +6,18 @@
 //! by a compression worker (one per core, see [`super::compressor`]) and
 //! queued for the writer thread, while the producer goes on filling the
 //! next one: the producer's own thread only copies bytes. At most
-//! `in_flight_chunks` chunks per writer
-//! are being compressed, and at most [`MAX_QUEUED`] compressed chunks wait to
-//! be stored: beyond that `poll_write` returns `Pending` (backpressure), so
-//! memory stays bounded by a few chunks whatever the part's size. Queued
-//! frames are what lets compression go on while SQLite checkpoints its WAL
-//! (measured: +14% write throughput on a 1 GiB part).
+//! `in_flight_chunks` chunks per writer are being compressed, each in one
+//! of a few slots per core that every writer of the process takes in turn
+//! ([`compressor::writer_slots`]), and at most [`MAX_QUEUED`] compressed
+//! chunks wait to be stored: beyond that `poll_write` returns `Pending`
+//! (backpressure), so memory stays bounded by a few chunks whatever the
+//! part's size, and by one chunk per writer plus a few per core however
+//! many parts are written at once (a chunk's buffer goes back to the
+//! shared pool as soon as it is compressed). Queued frames are what lets
+//! compression go on while SQLite checkpoints its WAL (measured: +14%
+//! write throughput on a 1 GiB part). A writer looks at its chunks'
+//! outcomes without asking to be woken, and is woken only for what it
+//! waits for.
 //!
 //! Transient trouble (SQLite busy past every retry) is never surfaced from
 //! `poll_write`: it is deferred to shutdown, so that `finalize_part` reports
@@ -33,7 +39,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::AsyncWrite;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, AcquireError, OwnedSemaphorePermit};
 
 use super::codec;
 use super::compressor;
@@ -133,10 +139,23 @@ pub(crate) fn check_opened_for(
     Ok(())
 }
 
-/// A chunk being compressed (and hashed); it gives back where the outcome
-/// of storing it will arrive, the raw buffer for reuse, and the chunk's
-/// share of the part's digest. Closed without a value if the job panicked.
-type ChunkTask = oneshot::Receiver<(StorageResult<Queued>, Vec<u8>, ChunkHash)>;
+/// A chunk being compressed (and hashed). Closed without a value if the
+/// job panicked.
+type ChunkTask = oneshot::Receiver<Compressed>;
+
+/// What the job of one chunk gives back.
+struct Compressed {
+    /// Where the outcome of storing the chunk will arrive.
+    queued: StorageResult<Queued>,
+    /// The chunk's length.
+    len: u64,
+    /// The chunk's bytes, only if the writer must hash them itself (the
+    /// job could not hash the chunk apart); otherwise the job already gave
+    /// the buffer back to the pool.
+    raw: Option<Vec<u8>>,
+    /// The chunk's share of the part's digest.
+    hash: ChunkHash,
+}
 
 /// A compressed chunk queued for the writer thread: its frame's size and
 /// where the outcome of storing it will arrive.
@@ -145,6 +164,10 @@ type Queued = (u64, oneshot::Receiver<StorageResult<()>>);
 /// Compressed chunks one writer may have queued but not yet stored. They
 /// cost only their frames (tens of KiB each for NDJSON).
 pub(crate) const MAX_QUEUED: usize = 16;
+
+/// A writer's wait for one of the process's chunk slots
+/// ([`compressor::writer_slots`]).
+type SlotWait = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// Settings a sink needs from the store.
 pub(crate) struct SinkConfig {
@@ -162,7 +185,6 @@ pub(crate) struct PartSink {
     part: String,
     cfg: SinkConfig,
     buf: Vec<u8>,
-    spare: Vec<Vec<u8>>,
     next_seq: u64,
     dispatched_bytes: u64,
     accepted: u64,
@@ -171,6 +193,8 @@ pub(crate) struct PartSink {
     hasher: PartHasher,
     in_flight: VecDeque<ChunkTask>,
     queued: VecDeque<Queued>,
+    /// Set while the writer waits its turn for a chunk slot.
+    slot_wait: Option<SlotWait>,
     /// A transient failure, reported at shutdown (and so by finalize).
     deferred: Option<StorageError>,
     /// A permanent failure, reported by every later call.
@@ -195,7 +219,6 @@ impl PartSink {
             part_id,
             part: key.display().to_string(),
             buf: codec::take_buffer(cfg.chunk_size),
-            spare: Vec::new(),
             cfg,
             next_seq: 0,
             dispatched_bytes: 0,
@@ -204,6 +227,7 @@ impl PartSink {
             hasher: PartHasher::new(DigestAlgorithm::CURRENT),
             in_flight: VecDeque::new(),
             queued: VecDeque::new(),
+            slot_wait: None,
             deferred: None,
             failed: None,
             shut: false,
@@ -235,13 +259,9 @@ impl PartSink {
         })
     }
 
-    /// Sends the buffered bytes off as the next chunk.
-    fn dispatch(&mut self) {
-        let fresh = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| codec::take_buffer(self.cfg.chunk_size));
-        let raw = std::mem::replace(&mut self.buf, fresh);
+    /// Sends the buffered bytes off as the next chunk, in `slot`.
+    fn dispatch(&mut self, slot: OwnedSemaphorePermit) {
+        let raw = std::mem::replace(&mut self.buf, codec::take_buffer(self.cfg.chunk_size));
         let args = (self.part_id, self.next_seq, self.dispatched_bytes);
         self.next_seq += 1;
         self.dispatched_bytes += raw.len() as u64;
@@ -262,6 +282,8 @@ impl PartSink {
                 ChunkHash::default()
             };
             let compressed = codec::compress_now(&raw, level);
+            drop(slot);
+            let len = raw.len() as u64;
             let queued = compressed.and_then(|frame| {
                 let n = frame.len() as u64;
                 db.queue_chunk(
@@ -269,106 +291,192 @@ impl PartSink {
                         part_id,
                         seq,
                         raw_offset,
-                        raw_len: raw.len() as u64,
+                        raw_len: len,
                         frame,
                     },
                     &runtime,
                 )
                 .map(|ack| (n, ack))
             });
-            let _ = done.send((queued, raw, hash));
+            // The bytes go back to the writer only if it must hash them.
+            let raw = if hash.is_apart() {
+                codec::recycle_buffer(raw);
+                None
+            } else {
+                Some(raw)
+            };
+            let _ = done.send(Compressed {
+                queued,
+                len,
+                raw,
+                hash,
+            });
         };
         compressor::submit(Box::new(job), &self.runtime);
         self.in_flight.push_back(task);
     }
 
+    /// Takes in the outcome of one chunk's job (`None`: the job panicked).
+    fn take_compressed(&mut self, done: Option<Compressed>) -> io::Result<()> {
+        let Some(done) = done else {
+            let e = StorageError::internal("write", "a chunk task panicked or was cancelled");
+            return Err(self.fail(e));
+        };
+        let Compressed {
+            queued,
+            len,
+            raw,
+            hash,
+        } = done;
+        let outcome = match queued {
+            Ok(queued) => {
+                self.queued.push_back(queued);
+                if self.deferred.is_none() {
+                    let pushed = match &raw {
+                        Some(raw) => self.hasher.push(raw, hash),
+                        None => self.hasher.push_hashed(len, hash),
+                    };
+                    pushed.map_err(|e| StorageError::internal("write", e.message().to_string()))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) if e.is_unavailable() => {
+                self.deferred.get_or_insert(e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        if let Some(raw) = raw {
+            codec::recycle_buffer(raw);
+        }
+        outcome.map_err(|e| self.fail(e))
+    }
+
+    /// Takes in the outcome of storing a chunk of `n` frame bytes (`None`:
+    /// the writer thread is gone).
+    fn take_stored(&mut self, n: u64, outcome: Option<StorageResult<()>>) -> io::Result<()> {
+        match outcome {
+            Some(Ok(())) => self.stored_bytes += n,
+            Some(Err(e)) if e.is_unavailable() => {
+                self.deferred.get_or_insert(e);
+            }
+            Some(Err(e)) => return Err(self.fail(e)),
+            None => {
+                let e = StorageError::internal("write", "the store's writer has shut down");
+                return Err(self.fail(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in every chunk job and every store outcome that has arrived,
+    /// in order, without waiting and without asking to be woken: a writer
+    /// is woken only for what it must wait for.
+    fn collect(&mut self) -> io::Result<()> {
+        while let Some(task) = self.in_flight.front_mut() {
+            let done = match task.try_recv() {
+                Ok(done) => Some(done),
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            self.in_flight.pop_front();
+            self.take_compressed(done)?;
+        }
+        while let Some((n, ack)) = self.queued.front_mut() {
+            let (n, outcome) = match ack.try_recv() {
+                Ok(outcome) => (*n, Some(outcome)),
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                Err(oneshot::error::TryRecvError::Closed) => (*n, None),
+            };
+            self.queued.pop_front();
+            self.take_stored(n, outcome)?;
+        }
+        Ok(())
+    }
+
     /// Waits until at most `limit` chunks are being compressed and at most
-    /// [`MAX_QUEUED`] wait to be stored, collecting results.
-    fn poll_settle(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<()>> {
-        self.poll_settle_to(cx, limit, MAX_QUEUED)
-    }
-
-    /// Waits until every chunk is compressed and stored.
-    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_settle_to(cx, 0, 0)
-    }
-
-    fn poll_settle_to(
+    /// `max_queued` wait to be stored.
+    fn poll_settle(
         &mut self,
         cx: &mut Context<'_>,
         limit: usize,
         max_queued: usize,
     ) -> Poll<io::Result<()>> {
         loop {
-            let must_wait = self.in_flight.len() > limit;
-            let Some(task) = self.in_flight.front_mut() else {
-                break;
-            };
-            let done = if must_wait {
-                ready!(Pin::new(task).poll(cx))
+            self.collect()?;
+            if self.in_flight.len() > limit {
+                let task = self.in_flight.front_mut().expect("more than none");
+                let done = ready!(Pin::new(task).poll(cx)).ok();
+                self.in_flight.pop_front();
+                self.take_compressed(done)?;
+            } else if self.queued.len() > max_queued {
+                let (n, ack) = self.queued.front_mut().expect("more than none");
+                let n = *n;
+                let outcome = ready!(Pin::new(ack).poll(cx)).ok();
+                self.queued.pop_front();
+                self.take_stored(n, outcome)?;
             } else {
-                // Collect what has finished without waiting for the rest.
-                match Pin::new(task).poll(cx) {
-                    Poll::Ready(r) => r,
-                    Poll::Pending => break,
-                }
-            };
-            self.in_flight.pop_front();
-            match done {
-                Ok((Ok(queued), mut raw, hash)) => {
-                    self.queued.push_back(queued);
-                    if self.deferred.is_none() {
-                        if let Err(e) = self.hasher.push(&raw, hash) {
-                            let e = StorageError::internal("write", e.message().to_string());
-                            return Poll::Ready(Err(self.fail(e)));
-                        }
-                    }
-                    raw.clear();
-                    if self.spare.len() < 2 {
-                        self.spare.push(raw);
-                    } else {
-                        codec::recycle_buffer(raw);
-                    }
-                }
-                Ok((Err(e), _, _)) if e.is_unavailable() => {
-                    self.deferred.get_or_insert(e);
-                }
-                Ok((Err(e), _, _)) => return Poll::Ready(Err(self.fail(e))),
-                Err(_) => {
-                    let e =
-                        StorageError::internal("write", "a chunk task panicked or was cancelled");
-                    return Poll::Ready(Err(self.fail(e)));
-                }
+                return Poll::Ready(Ok(()));
             }
         }
-        loop {
-            let must_wait = self.queued.len() > max_queued;
-            let Some((n, ack)) = self.queued.front_mut() else {
-                break;
-            };
-            let n = *n;
-            let outcome = if must_wait {
-                ready!(Pin::new(ack).poll(cx))
-            } else {
-                match Pin::new(ack).poll(cx) {
-                    Poll::Ready(r) => r,
-                    Poll::Pending => break,
+    }
+
+    /// Waits until every chunk is compressed and stored.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_settle(cx, 0, 0)
+    }
+
+    /// Waits for this writer's turn (room among its own chunks in flight
+    /// and queued, then one of the process's chunk slots), then sends the
+    /// full buffer off. Once in line for a slot, the writer takes the slot
+    /// as soon as it is handed one, without looking at its own chunks
+    /// again (they may have moved on to the queued meanwhile): a slot handed
+    /// to a writer that then waited for its store would be held from every
+    /// other writer of the process for as long as that store is held up.
+    fn poll_dispatch(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.slot_wait.is_none() {
+            ready!(self.poll_settle(cx, self.cfg.in_flight - 1, MAX_QUEUED))?;
+            let slots = compressor::writer_slots();
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    self.dispatch(slot);
+                    return Poll::Ready(Ok(()));
                 }
-            };
-            self.queued.pop_front();
-            match outcome {
-                Ok(Ok(())) => self.stored_bytes += n,
-                Ok(Err(e)) if e.is_unavailable() => {
-                    self.deferred.get_or_insert(e);
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(self.fail(e))),
-                Err(_) => {
-                    let e = StorageError::internal("write", "the store's writer has shut down");
-                    return Poll::Ready(Err(self.fail(e)));
-                }
+                Err(_) => self.slot_wait = Some(Box::pin(slots.clone().acquire_owned())),
             }
         }
-        Poll::Ready(Ok(()))
+        let wait = self.slot_wait.as_mut().expect("set above");
+        let slot = ready!(wait.as_mut().poll(cx));
+        self.slot_wait = None;
+        match slot {
+            Ok(slot) => {
+                self.dispatch(slot);
+                Poll::Ready(Ok(()))
+            }
+            Err(_) => {
+                let e = StorageError::internal("write", "the chunk slots were closed");
+                Poll::Ready(Err(self.fail(e)))
+            }
+        }
+    }
+
+    /// Sends the full buffer off at once if this writer's turn needs no
+    /// waiting; otherwise the next write waits for it. A failure found
+    /// meanwhile is recorded for the next call to report: the bytes of this
+    /// one were taken.
+    fn dispatch_now(&mut self) {
+        if self.collect().is_err() {
+            return;
+        }
+        if self.in_flight.len() < self.cfg.in_flight
+            && self.queued.len() <= MAX_QUEUED
+            && self.slot_wait.is_none()
+        {
+            if let Ok(slot) = compressor::writer_slots().clone().try_acquire_owned() {
+                self.dispatch(slot);
+            }
+        }
     }
 
     fn seal(&mut self) -> Sealed {
@@ -407,17 +515,16 @@ impl AsyncWrite for PartSink {
             return Poll::Ready(Ok(data.len()));
         }
         // Finished chunks are collected only when another is dispatched:
-        // polling the tasks on every small write (a line, a newline) cost
-        // more than copying the bytes.
+        // looking at the tasks on every small write (a line, a newline)
+        // cost more than copying the bytes.
         if this.buf.len() == this.cfg.chunk_size {
-            ready!(this.poll_settle(cx, this.cfg.in_flight - 1))?;
-            this.dispatch();
+            ready!(this.poll_dispatch(cx))?;
         }
         let n = data.len().min(this.cfg.chunk_size - this.buf.len());
         this.buf.extend_from_slice(&data[..n]);
         this.accepted += n as u64;
-        if this.buf.len() == this.cfg.chunk_size && this.in_flight.len() < this.cfg.in_flight {
-            this.dispatch();
+        if this.buf.len() == this.cfg.chunk_size {
+            this.dispatch_now();
         }
         Poll::Ready(Ok(n))
     }
@@ -429,6 +536,9 @@ impl AsyncWrite for PartSink {
         if let Some(e) = this.failure() {
             return Poll::Ready(Err(e));
         }
+        // A write given up while it waited for a slot (its future dropped)
+        // leaves its place in line: a slot it was handed goes back.
+        this.slot_wait = None;
         this.poll_drain(cx)
     }
 
@@ -443,8 +553,7 @@ impl AsyncWrite for PartSink {
             return Poll::Ready(Ok(()));
         }
         if !this.buf.is_empty() && this.deferred.is_none() {
-            ready!(this.poll_settle(cx, this.cfg.in_flight - 1))?;
-            this.dispatch();
+            ready!(this.poll_dispatch(cx))?;
         }
         ready!(this.poll_drain(cx))?;
         if let Some(e) = this.deferred.take() {
@@ -471,6 +580,5 @@ impl Drop for PartSink {
             self.db.discard_later(self.part_id);
         }
         codec::recycle_buffer(std::mem::take(&mut self.buf));
-        self.spare.drain(..).for_each(codec::recycle_buffer);
     }
 }
