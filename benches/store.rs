@@ -5,7 +5,10 @@
 //!   `write_line`, versus the store's codec alone on one thread (the
 //!   ceiling) and `LocalFsOutputStore` without and with fsync. Set
 //!   `EXPORT_STORE_BENCH_LARGE=1` to add 512 MiB parts.
-//! - `write_concurrent/{4,16}-parts`: 64 MiB split over parts written at once.
+//! - `write_concurrent/{2,4,16}-parts`: 64 MiB split over parts written at
+//!   once, a task each, line by line (as HFS's export workers write),
+//!   versus every core compressing the same chunks (each thread its own
+//!   share and context: the ceiling) and one core doing it all.
 //! - `read_one_part/synthea-64MiB`: the store's reader versus the codec's
 //!   decompression alone and reading the file.
 //! - `hfs_small_part`: open, 1,000 resources, finalize; one part per
@@ -31,7 +34,7 @@ use tokio::runtime::Runtime;
 mod workload;
 
 use workload::{
-    codec_run, delete_job, discard, fill_job, hfs_parts, key, read_part, settle,
+    codec_parallel, codec_run, delete_job, discard, fill_job, hfs_parts, key, read_part, settle,
     write_concurrently, write_part, Contenders, Corpus, Which, HFS_BATCH, READ_BUFFER,
 };
 
@@ -118,20 +121,25 @@ fn write_concurrent(c: &mut Criterion) {
     let corpus = corpora().remove(0);
     let mut g = c.benchmark_group("write_concurrent");
     g.sampling_mode(SamplingMode::Flat);
-    for n in [4usize, 16] {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for n in [2usize, 4, 16] {
         let parts: Vec<_> = (0..n)
             .map(|i| corpus.part_of_size_from(i * corpus.line_count() / n, 64 * MIB / n as u64))
             .collect();
-        let whole = corpus.part_of_size(parts.iter().map(|p| p.bytes()).sum());
-        g.throughput(Throughput::BytesDecimal(whole.bytes()));
+        g.throughput(Throughput::BytesDecimal(
+            parts.iter().map(|p| p.bytes()).sum(),
+        ));
         let id = format!("{}-parts-{}", n, corpus.name);
-        g.bench_function(format!("{id}/zstd3_compress_1thread"), |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| codec_run(&whole, DEFAULT_CHUNK_SIZE, LEVEL, false).compress)
-                    .sum()
-            })
-        });
+        for t in [threads, 1] {
+            let parts = &parts;
+            g.bench_function(format!("{id}/zstd3_compress_{t}thread"), |b| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| codec_parallel(parts, DEFAULT_CHUNK_SIZE, LEVEL, t))
+                        .sum()
+                })
+            });
+        }
         for w in [Which::Store, Which::Fs, Which::FsSync] {
             let (stores, parts) = (&stores, &parts);
             g.bench_function(format!("{id}/{}", label(w)), |b| {

@@ -3,9 +3,11 @@
 //! same measurement for both.
 //!
 //! Every figure is measured beside its baselines on the same bytes:
-//! - the ceiling: the store's own codec ([`codec::compress`] /
+//! - the ceiling: the store's own codec ([`codec::FrameCompressor`] /
 //!   [`codec::decompress_into`], zstd with content size and checksum) on
-//!   the same chunks, one thread, timing only the codec calls;
+//!   the same chunks, timing only the codec calls: one thread for one part,
+//!   every core (each thread its own share of the chunks and its own
+//!   context) for parts written at once;
 //! - [`LocalFsOutputStore`], HFS's way of writing a part (64 KiB buffered
 //!   file, rename), without and with fsync.
 //!
@@ -210,13 +212,45 @@ impl Part {
         })
     }
 
+    /// The chunks the store cuts the part into.
+    pub fn chunk_count(&self, chunk_size: usize) -> usize {
+        self.bytes.div_ceil(chunk_size as u64) as usize
+    }
+
     /// Calls `f` with each `chunk_size` slice of the part's bytes, in order,
     /// as the store cuts them (the last one may be shorter). The slices are
     /// assembled in one reused buffer.
-    pub fn for_each_chunk(&self, chunk_size: usize, mut f: impl FnMut(&[u8])) {
+    pub fn for_each_chunk(&self, chunk_size: usize, f: impl FnMut(&[u8])) {
+        self.for_each_chunk_in(chunk_size, 0..usize::MAX, f)
+    }
+
+    /// [`for_each_chunk`](Self::for_each_chunk) for the chunks whose index
+    /// is in `chunks` only; the lines before them are skipped, not copied.
+    pub fn for_each_chunk_in(
+        &self,
+        chunk_size: usize,
+        chunks: std::ops::Range<usize>,
+        mut f: impl FnMut(&[u8]),
+    ) {
+        let start = (chunks.start as u64).saturating_mul(chunk_size as u64);
+        let end = (chunks.end as u64).saturating_mul(chunk_size as u64);
         let mut buf = Vec::with_capacity(chunk_size);
+        let mut pos = 0u64;
         for line in self.lines() {
-            let mut rest = line.as_bytes();
+            let len = line.len() as u64 + 1;
+            if pos + len <= start {
+                pos += len;
+                continue;
+            }
+            if pos >= end {
+                break;
+            }
+            // The part of this line (and its newline) inside the range.
+            let from = start.saturating_sub(pos) as usize;
+            let to = (end - pos).min(len) as usize;
+            let mut rest = &line.as_bytes()[from.min(line.len())..to.min(line.len())];
+            let newline = to as u64 == len;
+            pos += len;
             loop {
                 let n = rest.len().min(chunk_size - buf.len());
                 buf.extend_from_slice(&rest[..n]);
@@ -229,10 +263,12 @@ impl Part {
                     break;
                 }
             }
-            buf.push(b'\n');
-            if buf.len() == chunk_size {
-                f(&buf);
-                buf.clear();
+            if newline {
+                buf.push(b'\n');
+                if buf.len() == chunk_size {
+                    f(&buf);
+                    buf.clear();
+                }
             }
         }
         if !buf.is_empty() {
@@ -260,11 +296,13 @@ pub struct CodecRun {
 /// built on this codec cannot beat on one thread.
 pub fn codec_run(part: &Part, chunk_size: usize, level: i32, decompress: bool) -> CodecRun {
     let mut run = CodecRun::default();
-    // One output buffer for every chunk, as a tuned decoder would use.
+    // One context and one output buffer for every chunk, as a tuned
+    // encoder and decoder would use (and the store's chunk workers do).
+    let mut ctx = codec::FrameCompressor::new(level).expect("a zstd context");
     let mut back = Vec::new();
     part.for_each_chunk(chunk_size, |chunk| {
         let t = Instant::now();
-        let frame = codec::compress(chunk, level).expect("compress");
+        let frame = ctx.compress(chunk).expect("compress");
         run.compress += t.elapsed();
         run.raw += chunk.len() as u64;
         run.stored += frame.len() as u64;
@@ -278,24 +316,102 @@ pub fn codec_run(part: &Part, chunk_size: usize, level: i32, decompress: bool) -
     run
 }
 
-/// Compresses the chunks of `parts` on `threads` threads at once (each
-/// thread takes whole parts in turn), timing the wall clock: how much the
-/// machine's cores give when all of them compress.
+/// Compresses every chunk of `parts` (the chunks the store cuts them into,
+/// part after part) on `threads` threads at once, the ceiling of writing
+/// those parts with that many cores: each thread compresses its own
+/// contiguous share of the chunks (an equal count) with its own context,
+/// nothing shared between the threads but the input, and, like
+/// [`codec_run`], only the codec calls are timed. Returns the time of the
+/// slowest thread: the threads start together, so that is the time the
+/// cores took to compress everything.
 pub fn codec_parallel(parts: &[Part], chunk_size: usize, level: i32, threads: usize) -> Duration {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(part) = parts.get(i) else { break };
-                part.for_each_chunk(chunk_size, |chunk| {
-                    std::hint::black_box(codec::compress(chunk, level).expect("compress"));
-                });
-            });
+    codec_parallel_cpu(parts, chunk_size, level, threads).0
+}
+
+/// [`codec_parallel`], and the CPU time its threads spent in all (each
+/// thread's own, from its start line to its last chunk, chunk assembly
+/// included): what the store's CPU time for the same parts compares with.
+pub fn codec_parallel_cpu(
+    parts: &[Part],
+    chunk_size: usize,
+    level: i32,
+    threads: usize,
+) -> (Duration, Duration) {
+    let threads = threads.max(1);
+    let counts: Vec<usize> = parts.iter().map(|p| p.chunk_count(chunk_size)).collect();
+    let total: usize = counts.iter().sum();
+    // Thread `t` takes chunks `total * t / threads ..` of the whole run,
+    // as (part, chunk range within the part).
+    let share = |t: usize| {
+        let (from, to) = (total * t / threads, total * (t + 1) / threads);
+        let mut out = Vec::new();
+        let mut first = 0;
+        for (i, &n) in counts.iter().enumerate() {
+            let (lo, hi) = (from.max(first), to.min(first + n));
+            if lo < hi {
+                out.push((i, lo - first..hi - first));
+            }
+            first += n;
         }
-    });
-    t.elapsed()
+        out
+    };
+    let start = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (mine, start) = (share(t), &start);
+                s.spawn(move || {
+                    let mut ctx = codec::FrameCompressor::new(level).expect("a zstd context");
+                    let mut spent = Duration::ZERO;
+                    start.wait();
+                    let cpu = thread_cpu();
+                    for (i, chunks) in mine {
+                        parts[i].for_each_chunk_in(chunk_size, chunks, |chunk| {
+                            let t = Instant::now();
+                            std::hint::black_box(ctx.compress(chunk).expect("compress"));
+                            spent += t.elapsed();
+                        });
+                    }
+                    (spent, thread_cpu().saturating_sub(cpu))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a compression thread"))
+            .fold((Duration::ZERO, Duration::ZERO), |(wall, cpu), (w, c)| {
+                (wall.max(w), cpu + c)
+            })
+    })
+}
+
+/// The calling thread's CPU time so far (its time on a CPU, from
+/// `/proc/thread-self/schedstat`, in nanoseconds); zero where that file
+/// does not exist.
+pub fn thread_cpu() -> Duration {
+    schedstat_cpu("/proc/thread-self/schedstat")
+}
+
+/// The CPU time so far of every live thread of this process (their
+/// `/proc/self/task/*/schedstat`): around a run whose threads outlive it
+/// (the store's chunk workers, writer threads and runtime), the CPU the
+/// run took.
+pub fn process_threads_cpu() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .map(|t| schedstat_cpu(t.path().join("schedstat")))
+        .sum()
+}
+
+fn schedstat_cpu(path: impl AsRef<std::path::Path>) -> Duration {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
 }
 
 /// The content digest (BLAKE3, what the store records) of a part on one
@@ -506,4 +622,33 @@ pub fn quantile(xs: &[Duration], q: f64) -> Duration {
 /// Decimal megabytes per second.
 pub fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}
+
+#[cfg(test)]
+mod tests {
+    // No `use super::*`: the criterion bench includes this file with
+    // `cfg(test)` set but no test harness, so the import would be unused.
+    #[test]
+    fn shares_of_chunks_are_the_chunks_the_store_cuts() {
+        let corpus = std::sync::Arc::new(super::Corpus::synthetic(7, 200_000));
+        let part = corpus.part_of_size_from(3, 150_000);
+        let chunk = 4096;
+        let mut whole = Vec::new();
+        part.for_each_chunk(chunk, |c| whole.push(c.to_vec()));
+        assert_eq!(whole.len(), part.chunk_count(chunk));
+        assert!(whole[..whole.len() - 1].iter().all(|c| c.len() == chunk));
+        let n = whole.len();
+        for (from, to) in [
+            (0, n),
+            (0, 1),
+            (1, n),
+            (n / 3, 2 * n / 3),
+            (n - 1, n),
+            (n, n),
+        ] {
+            let mut got = Vec::new();
+            part.for_each_chunk_in(chunk, from..to, |c| got.push(c.to_vec()));
+            assert_eq!(got, whole[from..to], "chunks {from}..{to}");
+        }
+    }
 }
