@@ -539,6 +539,24 @@ async fn concurrent_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) 
                 f.by[0].paired(&f.cores),
                 need,
             );
+            // The same bytes cannot go faster than the ceiling's CPU time
+            // over the store's allows with every core busy, however idle
+            // the machine: this holds whatever the load.
+            table.target(
+                &format!(
+                    "{n} parts at once: the ceiling's CPU time over the store's (all threads)"
+                ),
+                per_run(&f.cores_cpu, &f.store_cpu),
+                need,
+            );
+        }
+        let busy = per_run(&f.cores_cpu, &f.cores.0);
+        if busy < 0.9 * threads as f64 {
+            table.note(&format!(
+                "{n} part{}: the ceiling's {threads} threads kept only {busy:.2} cores busy (the \
+                 machine had other work): ratios to it overstate the store's",
+                if n == 1 { "" } else { "s" }
+            ));
         }
     }
     Ok(())
@@ -930,6 +948,11 @@ impl Table {
         self.targets.push(format!(
             "{verdict:>6}  {what}: measured {ratio:.2} (needs {at_least:.2})"
         ));
+    }
+
+    /// A remark printed among the targets.
+    fn note(&mut self, what: &str) {
+        self.targets.push(format!("{:>6}  {what}", "note"));
     }
 
     fn print(&self) {
