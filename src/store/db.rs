@@ -94,6 +94,16 @@ pub(crate) struct Db {
     /// The file's identity when it was opened, to notice it was removed or
     /// replaced underneath the store (writes would go to a deleted file).
     file: Option<(PathBuf, FileId)>,
+    /// Chunks that found the queue full, oldest first, and whether a task
+    /// on the blocking pool is forwarding them ([`Db::queue_chunk`]).
+    overflow: Arc<Mutex<Overflow>>,
+}
+
+/// Chunks waiting for room in a store's queue.
+#[derive(Default)]
+struct Overflow {
+    chunks: std::collections::VecDeque<Command>,
+    forwarding: bool,
 }
 
 impl std::fmt::Debug for Db {
@@ -174,6 +184,7 @@ impl Db {
             discards,
             reclaim,
             file: file_id(path).map(|id| (path.to_path_buf(), id)),
+            overflow: Default::default(),
         })
     }
 
@@ -281,10 +292,15 @@ impl Db {
     /// and returns where the outcome of storing it will arrive: the caller
     /// goes on compressing while SQLite stores (and checkpoints). When the
     /// queue is full (this store's writer thread is slow: a checkpoint, a
-    /// database locked by another process), the chunk waits for room on
-    /// `runtime`'s blocking pool instead, so one slow store never holds the
-    /// workers that other stores' chunks need. Its outcome arrives the same
-    /// way; if the writer thread is gone meanwhile, the receiver closes.
+    /// database locked by another process), the chunk waits in the store's
+    /// overflow list, which one task on `runtime`'s blocking pool forwards
+    /// in order as room comes, so one slow store never holds the workers
+    /// that other stores' chunks need, and a store's waiting chunks take
+    /// one thread, not one each. Once chunks wait there, later ones queue
+    /// behind them. The list holds no more than the writers' own limit of
+    /// unacknowledged chunks ([`super::writer::MAX_QUEUED`] each). The
+    /// outcome arrives the same way; if the writer thread is gone
+    /// meanwhile, the receiver closes.
     pub fn queue_chunk(
         &self,
         insert: ChunkInsertArgs,
@@ -301,19 +317,27 @@ impl Db {
             ack,
         });
         let queue = self.sender(op)?;
-        match queue.try_send(cmd) {
-            Ok(()) => Ok(done),
-            Err(mpsc::error::TrySendError::Full(cmd)) => {
-                let queue = queue.clone();
-                runtime.spawn_blocking(move || {
-                    // A closed queue drops the chunk and its ack: the writer
-                    // sees the writer thread gone.
-                    let _ = queue.blocking_send(cmd);
-                });
-                Ok(done)
+        let mut overflow = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+        let cmd = if overflow.chunks.is_empty() {
+            match queue.try_send(cmd) {
+                Ok(()) => return Ok(done),
+                Err(mpsc::error::TrySendError::Full(cmd)) => cmd,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(writer_gone(op)),
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(writer_gone(op)),
+        } else {
+            cmd
+        };
+        overflow.chunks.push_back(cmd);
+        if !overflow.forwarding {
+            overflow.forwarding = true;
+            let forwarder = Forwarder {
+                queue: queue.clone(),
+                list: self.overflow.clone(),
+                ran: false,
+            };
+            runtime.spawn_blocking(move || forwarder.run());
         }
+        Ok(done)
     }
 
     /// Asks the writer thread to discard a staged part soon, without
@@ -340,6 +364,53 @@ impl Db {
 
     fn sender(&self, op: &'static str) -> StorageResult<&mpsc::Sender<Command>> {
         self.queue.as_ref().ok_or_else(|| writer_gone(op))
+    }
+}
+
+/// Sends a store's overflow chunks to its queue, oldest first, waiting for
+/// room, until none is left. A closed queue drops them with their acks: the
+/// writers see the writer thread gone. So does a forwarder dropped without
+/// running (its runtime was shutting down).
+struct Forwarder {
+    queue: mpsc::Sender<Command>,
+    list: Arc<Mutex<Overflow>>,
+    ran: bool,
+}
+
+impl Forwarder {
+    fn overflow(&self) -> std::sync::MutexGuard<'_, Overflow> {
+        self.list.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(mut self) {
+        self.ran = true;
+        loop {
+            let next = {
+                let mut overflow = self.overflow();
+                let next = overflow.chunks.pop_front();
+                if next.is_none() {
+                    overflow.forwarding = false;
+                }
+                next
+            };
+            let Some(cmd) = next else { return };
+            if self.queue.blocking_send(cmd).is_err() {
+                let mut overflow = self.overflow();
+                overflow.chunks.clear();
+                overflow.forwarding = false;
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if !self.ran {
+            let mut overflow = self.overflow();
+            overflow.chunks.clear();
+            overflow.forwarding = false;
+        }
     }
 }
 
