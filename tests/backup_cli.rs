@@ -5,15 +5,17 @@
 //! never held up for long; refusals touch nothing; a killed backup leaves
 //! nothing under the destination's name.
 
+mod clikit;
 mod faultkit;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clikit::{bin, code, run, stderr, stdout};
 use faultkit::{content, key, noisy_lines, read_part, resources};
 use serde_json::Value;
 use sqlite_export_store::{
@@ -21,31 +23,6 @@ use sqlite_export_store::{
 };
 
 const BASE: &str = "http://hfs.test";
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_export-store"))
-}
-
-fn run(db: &Path, args: &[&str]) -> Output {
-    bin()
-        .args(args)
-        .arg("--db")
-        .arg(db)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited")
-}
 
 fn ndjson(lines: &[String]) -> Vec<u8> {
     let mut out = Vec::new();

@@ -4,14 +4,16 @@
 //! with the file and line named and nothing imported; a kill mid-import
 //! publishes nothing.
 
+mod clikit;
 mod faultkit;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use clikit::{bin, code, run, stderr};
 use faultkit::{noisy_lines, read_part, synthea};
 use serde_json::Value;
 use sqlite_export_store::{ExportJobId, PartFilter, SqliteOutputStore};
@@ -35,10 +37,6 @@ const TYPES: [&str; 13] = [
     "Procedure",
 ];
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_export-store"))
-}
-
 /// Runs `export-store import DIR --db DB ARGS`.
 fn import(db: &Path, dir: &Path, args: &[&str]) -> Output {
     bin()
@@ -50,23 +48,6 @@ fn import(db: &Path, dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("the binary runs")
-}
-
-fn run(db: &Path, args: &[&str]) -> Output {
-    bin()
-        .args(args)
-        .arg("--db")
-        .arg(db)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited")
 }
 
 fn sample_dir() -> PathBuf {

@@ -4,6 +4,7 @@
 //! zstd frames, on a damaged part, into a closed pipe) and
 //! `export-store export` (HFS's local-fs layout, refusals, re-runs).
 
+mod clikit;
 mod faultkit;
 
 use std::io::Read;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use clikit::{bin, code, run, stderr, stdout};
 use faultkit::{content, digest_hex, key, noisy_lines, now_ms, settle, write_part};
 use serde_json::Value;
 use sqlite_export_store::{
@@ -20,35 +22,9 @@ use sqlite_export_store::{
 const BASE: &str = "http://hfs.test";
 const JOB: &str = "0b6c4e2a-job";
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_export-store"))
-}
-
-/// Runs `export-store ARGS --db DB`.
-fn run(db: &Path, args: &[&str]) -> Output {
-    bin()
-        .args(args)
-        .arg("--db")
-        .arg(db)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn json(o: &Output) -> Value {
     assert!(o.status.success(), "{}", stderr(o));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited")
 }
 
 /// Writes `lines` as the part `key` and finalizes it.

@@ -41,11 +41,10 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use serde::Serialize;
-use sqlite_export_store::{ExportOutputStore, PartFilter, PartSummary, SqliteOutputStore};
+use sqlite_export_store::{ExportOutputStore, PartSummary, SqliteOutputStore};
 use tokio::sync::watch;
 
-use crate::ls::{BAD_ARGUMENT, NOTHING_MATCHED};
-use crate::ops::{open, plural, runtime, show_bytes, Failure};
+use crate::ops::{open, plural, runtime, selected_finished_parts, show_bytes, Failure};
 use crate::partname;
 use credentials::{ProcessEnv, Source};
 use target::BucketUrl;
@@ -171,27 +170,19 @@ struct Summary {
 
 /// Runs `copy`.
 pub fn run(args: Args) -> Result<ExitCode, Failure> {
-    let mut filter = PartFilter::all().finished_only();
-    if let Some(t) = &args.tenant {
-        filter = filter.tenant(t.clone());
-    }
-    if let Some(j) = &args.job {
-        filter = filter.job(j.as_str());
-    }
     let store = open(&args.db)?;
     let rt = runtime()?;
-    let parts = match rt.block_on(store.list_parts(&filter)) {
-        Ok(p) => p,
-        Err(e) if e.is_invalid_input() => {
-            eprintln!("export-store copy: {}", e.message());
-            return Ok(ExitCode::from(BAD_ARGUMENT));
-        }
-        Err(e) => return Err(e.into()),
+    let selected = selected_finished_parts(
+        "copy",
+        &store,
+        &rt,
+        args.tenant.as_deref(),
+        args.job.as_deref(),
+    )?;
+    let parts = match selected {
+        Ok(parts) => parts,
+        Err(code) => return Ok(code),
     };
-    if parts.is_empty() && (args.tenant.is_some() || args.job.is_some()) {
-        eprintln!("export-store copy: no finished parts match --tenant/--job");
-        return Ok(ExitCode::from(NOTHING_MATCHED));
-    }
 
     let resolved = credentials::resolve(&ProcessEnv, args.region.as_deref())?;
     let endpoint = args.endpoint.clone().or_else(endpoint_from_env);

@@ -27,12 +27,11 @@ use std::process::ExitCode;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use sqlite_export_store::{
-    ExportOutputStore, ExportPartKey, PartFilter, PartSummary, SqliteOutputStore, StorageError,
+    ExportOutputStore, ExportPartKey, PartSummary, SqliteOutputStore, StorageError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::ls::{BAD_ARGUMENT, NOTHING_MATCHED};
-use crate::ops::{open, plural, runtime, show_bytes, Failure};
+use crate::ops::{open, plural, runtime, selected_finished_parts, show_bytes, Failure};
 use crate::partname;
 
 /// The exit status when some parts could not be exported.
@@ -81,27 +80,19 @@ struct Failed {
 
 /// Runs `export`.
 pub fn run(args: Args) -> Result<ExitCode, Failure> {
-    let mut filter = PartFilter::all().finished_only();
-    if let Some(t) = &args.tenant {
-        filter = filter.tenant(t.clone());
-    }
-    if let Some(j) = &args.job {
-        filter = filter.job(j.as_str());
-    }
     let store = open(&args.db)?;
     let rt = runtime()?;
-    let parts = match rt.block_on(store.list_parts(&filter)) {
-        Ok(p) => p,
-        Err(e) if e.is_invalid_input() => {
-            eprintln!("export-store export: {}", e.message());
-            return Ok(ExitCode::from(BAD_ARGUMENT));
-        }
-        Err(e) => return Err(e.into()),
+    let selected = selected_finished_parts(
+        "export",
+        &store,
+        &rt,
+        args.tenant.as_deref(),
+        args.job.as_deref(),
+    )?;
+    let parts = match selected {
+        Ok(parts) => parts,
+        Err(code) => return Ok(code),
     };
-    if parts.is_empty() && (args.tenant.is_some() || args.job.is_some()) {
-        eprintln!("export-store export: no finished parts match --tenant/--job");
-        return Ok(ExitCode::from(NOTHING_MATCHED));
-    }
     std::fs::create_dir_all(&args.to)
         .map_err(|e| format!("cannot make {}: {e}", args.to.display()))?;
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -18,10 +18,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sqlite_export_store::{
-    FileStats, JobSummary, PartFilter, PartSummary, PartTotals, StorageError, TenantSummary,
+    FileStats, JobSummary, PartSummary, PartTotals, StorageError, TenantSummary,
 };
 
-use crate::ops::{open, plural, runtime, show_bytes, Failure};
+use crate::ops::{open, part_filter, plural, runtime, show_bytes, Failure};
 use crate::partname;
 
 /// The exit status when `--tenant` or `--job` matched no part.
@@ -72,13 +72,7 @@ impl Listing {
 
 /// Runs `ls`.
 pub fn run(args: Args) -> Result<ExitCode, Failure> {
-    let mut filter = PartFilter::all();
-    if let Some(t) = &args.tenant {
-        filter = filter.tenant(t.clone());
-    }
-    if let Some(j) = &args.job {
-        filter = filter.job(j.as_str());
-    }
+    let filter = part_filter(args.tenant.as_deref(), args.job.as_deref(), false);
     let store = open(&args.db)?;
     let rt = runtime()?;
     let listed = rt.block_on(async {

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlite_export_store::VerifyProgress;
-use sqlite_export_store::{SqliteOutputStore, StoreOptions};
+use sqlite_export_store::{PartFilter, PartSummary, SqliteOutputStore, StoreOptions};
+
+use crate::ls::{BAD_ARGUMENT, NOTHING_MATCHED};
 
 /// The exit status of `verify` when it found a problem.
 const PROBLEMS_FOUND: u8 = 3;
@@ -61,6 +63,49 @@ pub(crate) fn open(db: &Path) -> Result<SqliteOutputStore, Failure> {
         "http://localhost",
         StoreOptions::default(),
     )?)
+}
+
+/// The parts `--tenant` and `--job` select (every part when neither is
+/// given), `finished` ones only or staged ones too.
+pub(crate) fn part_filter(tenant: Option<&str>, job: Option<&str>, finished: bool) -> PartFilter {
+    let mut filter = PartFilter::all();
+    if finished {
+        filter = filter.finished_only();
+    }
+    if let Some(t) = tenant {
+        filter = filter.tenant(t);
+    }
+    if let Some(j) = job {
+        filter = filter.job(j);
+    }
+    filter
+}
+
+/// The finished parts that `--tenant` and `--job` select, for the commands
+/// that take parts out of a store (`export`, `copy`): `Err(code)` once the
+/// reason is printed, when the selection is a bad argument (exit 2) or
+/// names what holds no finished part (exit 4).
+pub(crate) fn selected_finished_parts(
+    command: &str,
+    store: &SqliteOutputStore,
+    rt: &tokio::runtime::Runtime,
+    tenant: Option<&str>,
+    job: Option<&str>,
+) -> Result<Result<Vec<PartSummary>, ExitCode>, Failure> {
+    let filter = part_filter(tenant, job, true);
+    let parts = match rt.block_on(store.list_parts(&filter)) {
+        Ok(p) => p,
+        Err(e) if e.is_invalid_input() => {
+            eprintln!("export-store {command}: {}", e.message());
+            return Ok(Err(ExitCode::from(BAD_ARGUMENT)));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if parts.is_empty() && (tenant.is_some() || job.is_some()) {
+        eprintln!("export-store {command}: no finished parts match --tenant/--job");
+        return Ok(Err(ExitCode::from(NOTHING_MATCHED)));
+    }
+    Ok(Ok(parts))
 }
 
 /// Runs `gc`.
