@@ -620,3 +620,25 @@ async fn ls_on_100000_parts_is_quick() {
         assert!(t < Duration::from_secs(bound), "{t:?} over {bound} s");
     }
 }
+
+/// A command this build leaves out (`hfs` needs the `hfs` feature) is not
+/// an "unrecognized subcommand": it says which feature brings it in and
+/// exits 2, whatever arguments follow.
+#[cfg(not(feature = "hfs"))]
+#[test]
+fn a_command_this_build_leaves_out_says_which_feature_brings_it() {
+    let o = bin()
+        .args(["hfs", "--data-dir", "./nowhere", "--addr", "127.0.0.1:0"])
+        .output()
+        .expect("the binary runs");
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("no `hfs` command"), "{err}");
+    assert!(err.contains("--features hfs"), "{err}");
+    assert!(!Path::new("./nowhere").exists(), "nothing is created");
+    // Hidden from the list of commands.
+    let help = bin().arg("--help").output().expect("the binary runs");
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    assert!(!help.contains("\n  hfs "), "{help}");
+    assert!(help.contains("\n  import "), "{help}");
+}

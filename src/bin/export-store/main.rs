@@ -61,8 +61,14 @@ enum Command {
     /// Write finished parts as files in HFS's local-fs layout, for its
     /// LocalFsOutputStore (exit status 3: some parts failed).
     Export(export::Args),
+    /// Copy finished parts into S3 under the keys HFS's S3 output store
+    /// reads (exit status 3: some parts failed; 4: --tenant/--job matched
+    /// nothing; 130: interrupted).
+    #[cfg(feature = "s3")]
+    Copy(copy::Args),
     /// Load a folder of bulk NDJSON (`Type.ndjson`, `Type.000.ndjson`, …,
-    /// plain, `.gz` or `.zst`) as one new finished export job and print its
+    /// plain, `.gz` or `.zst`; a client's `error/` and `deleted/`
+    /// subfolders too) as one new finished export job and print its
     /// manifest; all or nothing (exit status 2: input refused, nothing
     /// imported).
     Import(import::Args),
@@ -72,11 +78,41 @@ enum Command {
     Backup(backup::Args),
     /// Measure the store beside its baselines and print one table.
     Bench(bench::Args),
-    /// Copy finished parts into S3 under the keys HFS's S3 output store
-    /// reads (exit status 3: some parts failed; 4: --tenant/--job matched
-    /// nothing; 130: interrupted).
-    #[cfg(feature = "s3")]
-    Copy(copy::Args),
+    /// `hfs` in a build without the `hfs` feature: says how to get it.
+    #[cfg(not(feature = "hfs"))]
+    #[command(hide = true)]
+    Hfs(NotBuilt),
+    /// `serve` in a build without the `server` feature.
+    #[cfg(not(feature = "server"))]
+    #[command(hide = true)]
+    Serve(NotBuilt),
+    /// `copy` in a build without the `s3` feature.
+    #[cfg(not(feature = "s3"))]
+    #[command(hide = true)]
+    Copy(NotBuilt),
+}
+
+/// The arguments of a command this build leaves out, whatever they are.
+#[cfg(not(all(feature = "hfs", feature = "server", feature = "s3")))]
+#[derive(clap::Args)]
+struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<std::ffi::OsString>,
+}
+
+/// The exit status of a command this build leaves out (a bad argument, as
+/// clap's own).
+#[cfg(not(all(feature = "hfs", feature = "server", feature = "s3")))]
+const NOT_BUILT: u8 = 2;
+
+/// Says which feature brings `command` in, and how to build it.
+#[cfg(not(all(feature = "hfs", feature = "server", feature = "s3")))]
+fn not_built(command: &str, feature: &str) -> Result<ExitCode, ops::Failure> {
+    eprintln!(
+        "export-store: this build has no `{command}` command: it comes with the `{feature}` \
+         feature (from a checkout: cargo run --release --features {feature} -- {command} ...)"
+    );
+    Ok(ExitCode::from(NOT_BUILT))
 }
 
 /// The default database path of every command.
@@ -105,6 +141,12 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         #[cfg(feature = "s3")]
         Command::Copy(a) => copy::run(a),
+        #[cfg(not(feature = "hfs"))]
+        Command::Hfs(_) => not_built("hfs", "hfs"),
+        #[cfg(not(feature = "server"))]
+        Command::Serve(_) => not_built("serve", "server"),
+        #[cfg(not(feature = "s3"))]
+        Command::Copy(_) => not_built("copy", "s3"),
     };
     match result {
         Ok(code) => code,
