@@ -308,6 +308,16 @@ fn partials(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The temporary copies themselves in `dir` (not their journals).
+fn copies(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = partials(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".backup-partial"))
+        .collect();
+    found.sort();
+    found
+}
+
 fn backup(db: &Path, to: &Path, args: &[&str]) -> Output {
     bin()
         .arg("backup")
@@ -404,6 +414,36 @@ async fn refused_backups_touch_nothing() {
     assert_eq!(code(&run(&db, &["verify"])), 0);
 }
 
+/// Starts a deliberately slow backup (8 pages a step, 20 ms apart) of `db`
+/// to `dest` and waits until its temporary copy appears beside `dest`
+/// (one that is not in `before`); returns the process and that copy's name.
+fn slow_backup(db: &Path, dest: &Path, before: &[String]) -> (std::process::Child, String) {
+    let folder = dest.parent().unwrap();
+    let mut child = bin()
+        .arg("backup")
+        .arg("--to")
+        .arg(dest)
+        .arg("--db")
+        .arg(db)
+        .args(["--step-pages", "8", "--pause-ms", "20", "--force"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(new) = copies(folder).into_iter().find(|p| !before.contains(p)) {
+            return (child, new);
+        }
+        assert!(Instant::now() < deadline, "no temporary copy appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backup_leaves_nothing_at_the_destination() {
     let tmp = tempfile::tempdir().unwrap();
@@ -417,40 +457,45 @@ async fn a_killed_backup_leaves_nothing_at_the_destination() {
     )
     .await;
     let dest = tmp.path().join("backup.db");
-    // Slow on purpose: 8 pages a step, 20 ms apart.
-    let mut child = bin()
-        .arg("backup")
-        .arg("--to")
-        .arg(&dest)
-        .arg("--db")
-        .arg(&db)
-        .args(["--step-pages", "8", "--pause-ms", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while partials(tmp.path()).is_empty() {
-        assert!(Instant::now() < deadline, "no temporary copy appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the backup ended early"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut child, killed) = slow_backup(&db, &dest, &[]);
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap(); // SIGKILL
     let o = child.wait_with_output().unwrap();
     assert!(!o.status.success());
     assert!(!dest.exists(), "nothing under the destination's name");
-    // The source is unharmed, and a new backup to the same name works.
-    assert_eq!(code(&run(&db, &["verify"])), 0);
+    assert_eq!(
+        copies(tmp.path()),
+        vec![killed.clone()],
+        "the killed copy stays"
+    );
+    assert_eq!(code(&run(&db, &["verify"])), 0, "the source is unharmed");
+
+    // A backup still running keeps its copy while another backup to the
+    // same name starts (and publishes); the killed one's copy is removed
+    // by the first backup that starts after it.
+    let (mut running, copy) = slow_backup(&db, &dest, std::slice::from_ref(&killed));
+    assert!(
+        !partials(tmp.path()).iter().any(|p| p.starts_with(&killed)),
+        "the abandoned copy and its journals are removed"
+    );
     let o = backup(&db, &dest, &["--json"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        copies(tmp.path()).contains(&copy) || running.try_wait().unwrap().is_some(),
+        "a running backup's copy is left alone"
+    );
+    running.kill().unwrap();
+    running.wait().unwrap();
     assert_eq!(code(&run(&dest, &["verify"])), 0);
-    let copy = SqliteOutputStore::open(&dest, BASE).unwrap();
-    let parts = copy.list_parts(&PartFilter::all()).await.unwrap();
+    let copy_store = SqliteOutputStore::open(&dest, BASE).unwrap();
+    let parts = copy_store.list_parts(&PartFilter::all()).await.unwrap();
     assert_eq!(parts.len(), 8);
+    drop(copy_store);
+
+    // The next backup sweeps what the second kill left.
+    let o = backup(&db, &dest, &["--force"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(partials(tmp.path()), Vec::<String>::new());
 }
 
 /// Prints one backup's figures as JSON.

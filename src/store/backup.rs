@@ -150,7 +150,9 @@ impl SqliteOutputStore {
     ///   finished part read back and checked, `integrity_check`) and synced
     ///   to disk, by a rename in its folder; it is a single SQLite file
     ///   (no `-wal` beside it) that opens as a store. On any error nothing
-    ///   is left at `dest` and the temporary copy is removed;
+    ///   is left at `dest` and the temporary copy is removed; the copy a
+    ///   killed backup to `dest` left behind is removed by the next one
+    ///   (a copy whose backup still runs is locked, and left alone);
     /// - an existing `dest` is a conflict unless
     ///   [`overwrite`](BackupOptions::overwrite) is set (checked again,
     ///   atomically, at the rename); `dest` naming the store's own file
@@ -302,20 +304,69 @@ fn file_id(_path: &Path) -> Option<(u64, u64)> {
 
 /// The copy under a temporary name beside the destination; removed (with
 /// any journal SQLite left beside it) unless published.
+///
+/// The backup holds an exclusive `flock` on the copy's file for as long as
+/// it runs (SQLite's own locks are `fcntl` locks, which do not interact
+/// with it), so that a later backup to the same destination can tell the
+/// copy of a backup that was killed (no lock: the kernel dropped it with
+/// the process) from one in progress (locked), and removes the former.
 struct TempCopy {
     path: PathBuf,
     published: bool,
+    /// The open file that holds the lock.
+    _lock: File,
+}
+
+/// The suffix of a backup's temporary copy.
+const PARTIAL_SUFFIX: &str = ".backup-partial";
+
+/// Removes the temporary copies (and their journals) that killed backups
+/// to `dest` left in its folder: those whose file no process holds
+/// locked. Copies of backups still running are left alone. Returns how
+/// many were removed; failures to remove one are not errors (the backup
+/// does not need them gone).
+fn remove_abandoned_copies(dest: &Path) -> usize {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(folder_of(dest)) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        if !file_name.starts_with(&prefix) || !file_name.ends_with(PARTIAL_SUFFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = File::options().read(true).write(true).open(&path) else {
+            continue;
+        };
+        // Locked: a backup is writing it. Any other failure: leave it.
+        if file.try_lock().is_err() {
+            continue;
+        }
+        for suffix in ["-wal", "-shm", "-journal", ""] {
+            let _ = std::fs::remove_file(sibling(&path, suffix));
+        }
+        removed += 1;
+    }
+    removed
 }
 
 impl TempCopy {
     fn beside(op: &'static str, dest: &Path) -> StorageResult<TempCopy> {
+        remove_abandoned_copies(dest);
         let name = dest
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let file = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
-            .suffix(".backup-partial")
+            .suffix(PARTIAL_SUFFIX)
             .tempfile_in(folder_of(dest))
             .map_err(|e| {
                 io_error(
@@ -324,14 +375,20 @@ impl TempCopy {
                     e,
                 )
             })?;
-        // SQLite opens the file by name; the handle tempfile holds is not needed.
-        let path = file
-            .into_temp_path()
+        // Locked before anything is written, so that no other backup takes
+        // the copy for an abandoned one.
+        file.as_file()
+            .try_lock()
+            .map_err(|e| io_error(op, "cannot lock the temporary copy", e.into()))?;
+        // SQLite opens the file by name; the handle kept here holds the lock.
+        let (lock, path) = file.into_parts();
+        let path = path
             .keep()
             .map_err(|e| io_error(op, "cannot keep the temporary copy", e.error))?;
         Ok(TempCopy {
             path,
             published: false,
+            _lock: lock,
         })
     }
 
