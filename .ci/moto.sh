@@ -16,12 +16,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MOTO_VENV:-$here/target/moto-venv}"
 python="${PYTHON:-python3}"
+name=moto
+min_python=3.9
 version=5.2.5
 
-fail() {
-    echo "moto.sh: $*" >&2
-    exit 1
-}
 
 # What we ask for, and the versions of everything it pulls in (from
 # `pip freeze` of a fresh install on Python 3.11). Change them together.
@@ -85,13 +83,11 @@ urllib3==2.8.0
 Werkzeug==3.1.9
 wrapt==2.5.2
 xmltodict==1.0.4"
-stamp="$venv/.moto-pins"
-wanted="$(printf '%s\n--\n%s\n' "$requirements" "$constraints")"
+source "$here/.ci/pyvenv.sh"
 
 # Exits 0 if the environment at $venv is complete and is the pinned one.
 check() {
-    [ -x "$venv/bin/moto_server" ] && [ -x "$venv/bin/python" ] || return 1
-    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] || return 1
+    [ -x "$venv/bin/moto_server" ] && pyvenv_pinned || return 1
     MOTO_VERSION="$version" "$venv/bin/python" - <<'PY' || return 1
 import importlib.metadata as md, os
 import flask, flask_cors, moto.server, moto.s3  # what `moto_server` serves S3 with
@@ -99,36 +95,4 @@ assert md.version("moto") == os.environ["MOTO_VERSION"], md.version("moto")
 PY
 }
 
-if check 2>/dev/null; then
-    echo "moto.sh: moto $version is ready in $venv"
-    exit 0
-fi
-[ -e "$venv" ] && echo "moto.sh: $venv is incomplete or holds other versions: rebuilding it"
-
-command -v "$python" >/dev/null || fail "no $python on PATH: moto $version needs Python 3.9 or later"
-"$python" - <<'PY' || fail "$("$python" --version 2>&1) is too old: moto $version needs Python 3.9 or later"
-import sys
-sys.exit(0 if sys.version_info >= (3, 9) else 1)
-PY
-
-echo "moto.sh: installing moto[server] $version into $venv"
-rm -rf "$venv"
-mkdir -p "$(dirname "$venv")"
-"$python" -m venv "$venv" ||
-    fail "$python -m venv failed (on Debian: apt-get install python3-venv)"
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-printf '%s\n' "$requirements" >"$work/requirements.txt"
-printf '%s\n' "$constraints" >"$work/constraints.txt"
-PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install --no-input --quiet \
-    -r "$work/requirements.txt" -c "$work/constraints.txt" ||
-    fail "pip install of the pinned moto failed (see above); $venv is incomplete"
-
-printf '%s' "$wanted" >"$stamp"
-check || {
-    rm -f "$stamp"
-    fail "the new environment in $venv does not pass its own check (see above)"
-}
-"$venv/bin/moto_server" --help >/dev/null 2>&1 || fail "$venv/bin/moto_server --help failed"
-echo "moto.sh: moto $version is ready in $venv"
+pyvenv_ensure "$venv/bin/moto_server" --help

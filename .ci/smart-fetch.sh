@@ -14,12 +14,10 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SMART_FETCH_VENV:-$here/target/smart-fetch-venv}"
 python="${PYTHON:-python3}"
+name=smart-fetch
+min_python=3.11
 version=1.0.3
 
-fail() {
-    echo "smart-fetch.sh: $*" >&2
-    exit 1
-}
 
 # What we ask for, and the versions of everything it pulls in (from
 # `pip freeze` of a fresh install on Python 3.11). Change them together.
@@ -66,13 +64,11 @@ typing_extensions==4.16.0
 urllib3==2.8.0
 wrapt==2.5.2
 yarl==1.25.1"
-stamp="$venv/.smart-fetch-pins"
-wanted="$(printf '%s\n--\n%s\n' "$requirements" "$constraints")"
+source "$here/.ci/pyvenv.sh"
 
 # Exits 0 if the environment at $venv is complete and is the pinned one.
 check() {
-    [ -x "$venv/bin/smart-fetch" ] && [ -x "$venv/bin/python" ] || return 1
-    [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] || return 1
+    [ -x "$venv/bin/smart-fetch" ] && pyvenv_pinned || return 1
     SMART_FETCH_VERSION="$version" "$venv/bin/python" - <<'EOF' || return 1
 import importlib.metadata as md, os
 import zstandard, brotli  # the decoders httpx needs to ask for zstd and br
@@ -83,36 +79,4 @@ assert not missing, f"httpx cannot decode {missing}"
 EOF
 }
 
-if check 2>/dev/null; then
-    echo "smart-fetch.sh: smart-fetch $version is ready in $venv"
-    exit 0
-fi
-[ -e "$venv" ] && echo "smart-fetch.sh: $venv is incomplete or holds other versions: rebuilding it"
-
-command -v "$python" >/dev/null || fail "no $python on PATH: smart-fetch needs Python 3.11 or later"
-"$python" - <<'EOF' || fail "$("$python" --version 2>&1) is too old: smart-fetch $version needs Python 3.11 or later"
-import sys
-sys.exit(0 if sys.version_info >= (3, 11) else 1)
-EOF
-
-echo "smart-fetch.sh: installing smart-fetch $version into $venv"
-rm -rf "$venv"
-mkdir -p "$(dirname "$venv")"
-"$python" -m venv "$venv" ||
-    fail "$python -m venv failed (on Debian: apt-get install python3-venv)"
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-printf '%s\n' "$requirements" >"$work/requirements.txt"
-printf '%s\n' "$constraints" >"$work/constraints.txt"
-PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install --no-input --quiet \
-    -r "$work/requirements.txt" -c "$work/constraints.txt" ||
-    fail "pip install of the pinned smart-fetch failed (see above); $venv is incomplete"
-
-printf '%s' "$wanted" >"$stamp"
-check || {
-    rm -f "$stamp"
-    fail "the new environment in $venv does not pass its own check (see above)"
-}
-"$venv/bin/smart-fetch" --version >/dev/null 2>&1 || fail "$venv/bin/smart-fetch --version failed"
-echo "smart-fetch.sh: smart-fetch $version is ready in $venv"
+pyvenv_ensure "$venv/bin/smart-fetch" --version
