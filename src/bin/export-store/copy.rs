@@ -29,7 +29,6 @@ mod target;
 mod upload;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,7 +43,7 @@ use serde::Serialize;
 use sqlite_export_store::{ExportOutputStore, PartSummary, SqliteOutputStore};
 use tokio::sync::watch;
 
-use crate::ops::{open, plural, runtime, selected_finished_parts, show_bytes, Failure};
+use crate::ops::{plural, show_bytes, Failure, FinishedParts};
 use crate::partname;
 use credentials::{ProcessEnv, Source};
 use target::BucketUrl;
@@ -86,12 +85,8 @@ pub struct Args {
     /// profile's region, else us-east-1.
     #[arg(long)]
     region: Option<String>,
-    /// Only this tenant's parts.
-    #[arg(long)]
-    tenant: Option<String>,
-    /// Only this job's parts (within --tenant, or of every tenant).
-    #[arg(long)]
-    job: Option<String>,
+    #[command(flatten)]
+    parts: FinishedParts,
     /// Upload even parts whose object is already there (with any size).
     #[arg(long)]
     force: bool,
@@ -99,9 +94,6 @@ pub struct Args {
     /// bucket is still read, to tell which objects are there).
     #[arg(long)]
     dry_run: bool,
-    /// The store's database file.
-    #[arg(long, default_value = crate::DEFAULT_DB)]
-    db: PathBuf,
     /// Print the summary as one JSON document on standard output.
     #[arg(long)]
     json: bool,
@@ -170,17 +162,8 @@ struct Summary {
 
 /// Runs `copy`.
 pub fn run(args: Args) -> Result<ExitCode, Failure> {
-    let store = open(&args.db)?;
-    let rt = runtime()?;
-    let selected = selected_finished_parts(
-        "copy",
-        &store,
-        &rt,
-        args.tenant.as_deref(),
-        args.job.as_deref(),
-    )?;
-    let parts = match selected {
-        Ok(parts) => parts,
+    let (store, rt, parts) = match args.parts.select("copy")? {
+        Ok(selected) => selected,
         Err(code) => return Ok(code),
     };
 

@@ -31,7 +31,7 @@ use sqlite_export_store::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::ops::{open, plural, runtime, selected_finished_parts, show_bytes, Failure};
+use crate::ops::{plural, show_bytes, Failure, FinishedParts};
 use crate::partname;
 
 /// The exit status when some parts could not be exported.
@@ -44,15 +44,8 @@ pub struct Args {
     /// local-fs output store.
     #[arg(long)]
     to: PathBuf,
-    /// The store's database file.
-    #[arg(long, default_value = crate::DEFAULT_DB)]
-    db: PathBuf,
-    /// Only this tenant's parts.
-    #[arg(long)]
-    tenant: Option<String>,
-    /// Only this job's parts (within --tenant, or of every tenant).
-    #[arg(long)]
-    job: Option<String>,
+    #[command(flatten)]
+    parts: FinishedParts,
     /// Rewrite files that are already there with the part's size.
     #[arg(long)]
     force: bool,
@@ -80,17 +73,8 @@ struct Failed {
 
 /// Runs `export`.
 pub fn run(args: Args) -> Result<ExitCode, Failure> {
-    let store = open(&args.db)?;
-    let rt = runtime()?;
-    let selected = selected_finished_parts(
-        "export",
-        &store,
-        &rt,
-        args.tenant.as_deref(),
-        args.job.as_deref(),
-    )?;
-    let parts = match selected {
-        Ok(parts) => parts,
+    let (store, rt, parts) = match args.parts.select("export")? {
+        Ok(selected) => selected,
         Err(code) => return Ok(code),
     };
     std::fs::create_dir_all(&args.to)

@@ -81,31 +81,48 @@ pub(crate) fn part_filter(tenant: Option<&str>, job: Option<&str>, finished: boo
     filter
 }
 
-/// The finished parts that `--tenant` and `--job` select, for the commands
-/// that take parts out of a store (`export`, `copy`): `Err(code)` once the
-/// reason is printed, when the selection is a bad argument (exit 2) or
-/// names what holds no finished part (exit 4).
-pub(crate) fn selected_finished_parts(
-    command: &str,
-    store: &SqliteOutputStore,
-    rt: &tokio::runtime::Runtime,
-    tenant: Option<&str>,
-    job: Option<&str>,
-) -> Result<Result<Vec<PartSummary>, ExitCode>, Failure> {
-    let filter = part_filter(tenant, job, true);
-    let parts = match rt.block_on(store.list_parts(&filter)) {
-        Ok(p) => p,
-        Err(e) if e.is_invalid_input() => {
-            eprintln!("export-store {command}: {}", e.message());
-            return Ok(Err(ExitCode::from(BAD_ARGUMENT)));
+/// The options of the commands that take finished parts out of a store
+/// (`export`, `copy`): which store, and which of its parts.
+#[derive(clap::Args)]
+pub(crate) struct FinishedParts {
+    /// The store's database file.
+    #[arg(long, default_value = crate::DEFAULT_DB)]
+    db: PathBuf,
+    /// Only this tenant's parts.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this job's parts (within --tenant, or of every tenant).
+    #[arg(long)]
+    job: Option<String>,
+}
+
+/// An opened store, a runtime to drive it, and the parts selected.
+pub(crate) type Selected = (SqliteOutputStore, tokio::runtime::Runtime, Vec<PartSummary>);
+
+impl FinishedParts {
+    /// Opens the store and lists the finished parts `--tenant` and `--job`
+    /// select, for `command`: `Err(code)` once the reason is printed, when
+    /// the selection is a bad argument (exit 2) or names what holds no
+    /// finished part (exit 4).
+    pub(crate) fn select(&self, command: &str) -> Result<Result<Selected, ExitCode>, Failure> {
+        let store = open(&self.db)?;
+        let rt = runtime()?;
+        let (tenant, job) = (self.tenant.as_deref(), self.job.as_deref());
+        let filter = part_filter(tenant, job, true);
+        let parts = match rt.block_on(store.list_parts(&filter)) {
+            Ok(p) => p,
+            Err(e) if e.is_invalid_input() => {
+                eprintln!("export-store {command}: {}", e.message());
+                return Ok(Err(ExitCode::from(BAD_ARGUMENT)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if parts.is_empty() && (tenant.is_some() || job.is_some()) {
+            eprintln!("export-store {command}: no finished parts match --tenant/--job");
+            return Ok(Err(ExitCode::from(NOTHING_MATCHED)));
         }
-        Err(e) => return Err(e.into()),
-    };
-    if parts.is_empty() && (tenant.is_some() || job.is_some()) {
-        eprintln!("export-store {command}: no finished parts match --tenant/--job");
-        return Ok(Err(ExitCode::from(NOTHING_MATCHED)));
+        Ok(Ok((store, rt, parts)))
     }
-    Ok(Ok(parts))
 }
 
 /// Runs `gc`.
