@@ -15,6 +15,7 @@
 //! `cargo test --features s3-tests --test copy_s3` (after `bash .ci/moto.sh`).
 #![cfg(feature = "s3-tests")]
 
+mod faultkit;
 mod s3_support;
 
 use std::collections::BTreeMap;
@@ -564,24 +565,14 @@ fn damage_last_chunk(db: &Path, key: &ExportPartKey) {
     let mut other = vec![b' '; len];
     other[len - 1] = b'\n';
     let frame = codec::compress(&other, 3).unwrap();
-    let triggers: Vec<(String, String)> = c
-        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
+    drop(c);
+    faultkit::with_triggers_lifted(db, |c| {
+        c.execute(
+            "UPDATE chunks SET frame = ?1 WHERE part_id = ?2 AND seq = ?3",
+            rusqlite::params![frame, id, seq],
+        )
         .unwrap();
-    for (name, _) in &triggers {
-        c.execute_batch(&format!("DROP TRIGGER {name}")).unwrap();
-    }
-    c.execute(
-        "UPDATE chunks SET frame = ?1 WHERE part_id = ?2 AND seq = ?3",
-        rusqlite::params![frame, id, seq],
-    )
-    .unwrap();
-    for (_, sql) in &triggers {
-        c.execute_batch(sql).unwrap();
-    }
+    });
 }
 
 #[test]

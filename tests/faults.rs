@@ -283,21 +283,7 @@ async fn a_lock_held_during_the_finalize_commit_is_unavailable_and_publishes_not
 /// immutability triggers lifted for the length of the call (damage is
 /// what they exist to prevent; bit rot and hostile edits ignore them).
 fn tamper(db: &Path, damage: &str) {
-    let c = rusqlite::Connection::open(db).unwrap();
-    let triggers: Vec<(String, String)> = c
-        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    for (name, _) in &triggers {
-        c.execute_batch(&format!("DROP TRIGGER {name}")).unwrap();
-    }
-    c.execute_batch(damage).unwrap();
-    for (_, sql) in &triggers {
-        c.execute_batch(sql).unwrap();
-    }
+    faultkit::with_triggers_lifted(db, |c| c.execute_batch(damage).unwrap());
 }
 
 fn part_id(db: &Path, k: &ExportPartKey) -> i64 {

@@ -444,17 +444,7 @@ async fn export_writes_hfs_local_fs_files_and_names_what_it_refuses() {
 
     // Again: nothing to do. A file of another size is replaced; --force
     // rewrites the rest.
-    let o = run(
-        &db,
-        &[
-            "export",
-            "--to",
-            to.to_str().unwrap(),
-            "--tenant",
-            "default",
-            "--json",
-        ],
-    );
+    let o = export(&["--tenant", "default", "--json"]);
     let summary = json(&o);
     assert_eq!(
         (
@@ -464,31 +454,10 @@ async fn export_writes_hfs_local_fs_files_and_names_what_it_refuses() {
         (Some(0), Some(6))
     );
     std::fs::write(to.join(&expected[4]), b"truncated").unwrap();
-    let summary = json(&run(
-        &db,
-        &[
-            "export",
-            "--to",
-            to.to_str().unwrap(),
-            "--tenant",
-            "default",
-            "--json",
-        ],
-    ));
+    let summary = json(&export(&["--tenant", "default", "--json"]));
     assert_eq!(summary["exported"], 1);
     assert!(std::fs::read(to.join(&expected[4])).unwrap() == content(&k));
-    let summary = json(&run(
-        &db,
-        &[
-            "export",
-            "--to",
-            to.to_str().unwrap(),
-            "--job",
-            "other",
-            "--force",
-            "--json",
-        ],
-    ));
+    let summary = json(&export(&["--job", "other", "--force", "--json"]));
     assert_eq!(
         (summary["exported"].as_u64(), summary["failed"].as_u64()),
         (Some(1), Some(0))

@@ -261,3 +261,25 @@ pub fn noisy_lines(seed: u64, n: usize, chars: usize) -> Vec<String> {
         })
         .collect()
 }
+
+/// Runs `damage` on a raw connection to the store's file with the
+/// immutability triggers lifted for the length of the call, then puts
+/// them back: damage is what they exist to prevent, and bit rot or a
+/// hostile edit ignores them.
+pub fn with_triggers_lifted(db: &Path, damage: impl FnOnce(&rusqlite::Connection)) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let triggers: Vec<(String, String)> = c
+        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (name, _) in &triggers {
+        c.execute_batch(&format!("DROP TRIGGER {name}")).unwrap();
+    }
+    damage(&c);
+    for (_, sql) in &triggers {
+        c.execute_batch(sql).unwrap();
+    }
+}
