@@ -491,7 +491,24 @@ fn a_read_only_database_file_is_refused_at_open_and_left_unchanged() {
     let before = std::fs::read(&db).unwrap();
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    // Root ignores file permissions: run the child as `nobody`. `nobody`
+    // may not reach this test binary (a checkout in a private folder, such
+    // as one `mktemp -d` made), so it runs a copy from a folder anyone may
+    // enter.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    let exe_dir = tempfile::tempdir().unwrap();
+    let mut exe = std::env::current_exe().unwrap();
+    if root {
+        std::fs::set_permissions(exe_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = exe_dir.path().join("faults");
+        std::fs::copy(&exe, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        exe = copy;
+    }
+    let mut child = std::process::Command::new(&exe);
     child
         .args([
             "--exact",
@@ -499,12 +516,7 @@ fn a_read_only_database_file_is_refused_at_open_and_left_unchanged() {
         ])
         .args(["--nocapture", "--test-threads", "1"])
         .env(RO_CHILD, &db);
-    // Root ignores file permissions: run the child as `nobody`.
-    let root = std::fs::metadata("/proc/self").map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid() == 0
-    });
-    if root.unwrap_or(false) {
+    if root {
         use std::os::unix::process::CommandExt;
         child.uid(65534).gid(65534);
     }
