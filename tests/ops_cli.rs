@@ -172,7 +172,7 @@ async fn ls_lists_tenants_then_jobs_then_parts_with_totals() {
         patient["digest"].as_str().unwrap(),
         digest_hex(&content(&k))
     );
-    assert_eq!(patient["digest_algorithm"], "blake3");
+    assert_eq!(patient["digest_algorithm"], "xxh3-128");
     assert!(patient["stored_bytes"].as_u64().unwrap() < patient["ndjson_bytes"].as_u64().unwrap());
     assert_eq!(doc["jobs"][0]["parts"], 6);
     let text = stdout(&run(&db, &["ls", "--job", JOB]));

@@ -29,7 +29,7 @@ async fn identity_download_carries_every_header_and_the_exact_bytes() {
     assert!(info.chunk_count > 10);
     let url = url_of(&s, &k).await;
     let (status, hd, body) = s.get(&url, &[]).await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(body, data);
     assert_eq!(h(&hd, "content-type"), Some("application/fhir+ndjson"));
     assert_eq!(

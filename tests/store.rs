@@ -42,11 +42,11 @@ async fn synthea_export_round_trips_file_by_file() {
             data.iter().filter(|b| **b == b'\n').count() as u64,
             "{ty}"
         );
-        let want = blake3::hash(&data).to_hex().to_string();
+        let want = format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data));
         assert_eq!(
             (info.digest.as_str(), info.digest_algorithm),
-            (want.as_str(), DigestAlgorithm::Blake3),
-            "{ty}: digest is the BLAKE3 of the NDJSON (what b3sum prints)"
+            (want.as_str(), DigestAlgorithm::Xxh3_128),
+            "{ty}: digest is the XXH3-128 of the NDJSON (what xxhsum -H2 prints)"
         );
         assert_eq!(
             info.chunk_count,
@@ -332,13 +332,105 @@ async fn parts_finished_under_schema_1_keep_and_check_their_sha256_digests() {
     );
     assert!(problem.message.contains("SHA-256"), "{problem:?}");
 
-    // New parts in the migrated file carry BLAKE3.
+    // New parts in the migrated file carry XXH3-128.
     let fresh = ExportPartKey::output("default", ExportJobId::new(), "Condition", 0, 1);
     put(&store, &fresh, &data).await;
     let info = store.part_info(&fresh).await.unwrap();
-    assert_eq!(info.digest_algorithm, DigestAlgorithm::Blake3);
-    assert_eq!(info.digest, blake3::hash(&data).to_hex().as_str());
+    assert_eq!(info.digest_algorithm, DigestAlgorithm::Xxh3_128);
+    assert_eq!(
+        info.digest,
+        format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data))
+    );
     assert!(read_all(&store, &fresh).await.unwrap() == data);
+}
+
+/// A store opened with BLAKE3 records BLAKE3 (what `b3sum` prints), one
+/// opened with the default records XXH3-128, on the same file; every part
+/// reads back and verifies with its own algorithm, whoever reads it, and a
+/// damaged part of either kind is named with its algorithm.
+#[tokio::test]
+async fn parts_keep_the_digest_they_were_written_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("mixed.db");
+    // Three chunks and a piece: BLAKE3 parts are hashed chunk by chunk.
+    let mut data = Vec::new();
+    for i in 0.. {
+        if data.len() > 3 * (1 << 20) + 12_345 {
+            break;
+        }
+        let line = format!(
+            r#"{{"resourceType":"Patient","id":"p{i}","n":{}}}"#,
+            i * 7919 % 1013
+        );
+        data.extend_from_slice(line.as_bytes());
+        data.push(b'\n');
+    }
+    let job = ExportJobId::new();
+    let key = |ty: &str| ExportPartKey::output("default", job.clone(), ty, 0, 1);
+    let blake = SqliteOutputStore::open_with(
+        &db,
+        "http://127.0.0.1:8080",
+        StoreOptions::default().with_digest(DigestAlgorithm::Blake3),
+    )
+    .unwrap();
+    put(&blake, &key("Patient"), &data).await;
+    let chunked = SqliteOutputStore::open_with(
+        &db,
+        "http://127.0.0.1:8080",
+        StoreOptions::default()
+            .with_digest(DigestAlgorithm::Blake3)
+            .with_chunk_size(1_000_000),
+    )
+    .unwrap();
+    put(&chunked, &key("Condition"), &data).await;
+    drop((blake, chunked));
+    let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
+    put(&store, &key("Observation"), &data).await;
+
+    let b3 = blake3::hash(&data).to_hex().to_string();
+    let xxh = format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data));
+    for (ty, algorithm, want) in [
+        ("Patient", DigestAlgorithm::Blake3, &b3),
+        ("Condition", DigestAlgorithm::Blake3, &b3),
+        ("Observation", DigestAlgorithm::Xxh3_128, &xxh),
+    ] {
+        let info = store.part_info(&key(ty)).await.unwrap();
+        assert_eq!(
+            (info.digest_algorithm, info.digest.as_str()),
+            (algorithm, want.as_str()),
+            "{ty}"
+        );
+        assert!(read_all(&store, &key(ty)).await.unwrap() == data, "{ty}");
+    }
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.parts_checked, 3);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    drop(store);
+
+    // The same bytes under a digest that is not theirs, for one part of
+    // each kind: named as a mismatch of that algorithm, on read and verify.
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("DROP TRIGGER parts_finished_are_immutable")
+            .unwrap();
+        for (ty, wrong) in [("Patient", "0".repeat(64)), ("Observation", "0".repeat(32))] {
+            assert!(wrong != b3 && wrong != xxh);
+            let n = c
+                .execute(
+                    "UPDATE parts SET digest = ?1 WHERE resource_type = ?2",
+                    [wrong.as_str(), ty],
+                )
+                .unwrap();
+            assert_eq!(n, 1);
+        }
+    }
+    let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
+    for (ty, label) in [("Patient", "BLAKE3"), ("Observation", "XXH3-128")] {
+        let e = read_all(&store, &key(ty)).await.unwrap_err();
+        assert!(e.to_string().contains(label), "{ty}: {e}");
+    }
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
 }
 
 /// A writer of `key` holding `lines` small resources, not finalized.

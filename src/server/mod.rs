@@ -16,8 +16,10 @@
 //!   (except for gzip, which is made on the fly), `ETag`, `Last-Modified`
 //!   (the finalize time), `Cache-Control: private`, `Accept-Ranges: bytes`,
 //!   `Vary: Accept-Encoding`, `X-Request-Id`. The identity ETag is strong:
-//!   the quoted hex part digest (the BLAKE3 of the NDJSON, as `b3sum`
-//!   prints it; SHA-256 for parts finished under schema 1). Encoded forms
+//!   the quoted hex part digest (by default the XXH3-128 of the NDJSON,
+//!   as `xxhsum -H2` prints it; BLAKE3, as `b3sum` prints it, for parts
+//!   of a store opened with it and parts finished under schemas 2 to 5;
+//!   SHA-256 for parts finished under schema 1). Encoded forms
 //!   carry weak ETags derived from it (`W/"{digest}+zstd"`, `W/"{digest}+gzip"`).
 //! - **Encodings**: when `Accept-Encoding` accepts `zstd` (and no `Range` is
 //!   sent), the stored zstd frames are sent as they are, with

@@ -240,7 +240,9 @@ fn failed(e: &StorageError) -> Response {
 
 async fn respond(app: &App, method: &Method, headers: &HeaderMap, part: PartRow) -> Response {
     // The digest becomes the ETag: it must be what finalize records.
-    if part.digest.len() != 64 || !part.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if part.digest.len() != part.digest_algorithm.hex_len()
+        || !part.digest.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return failed(&StorageError::corrupt(
             "download",
             "the part's recorded digest is malformed",

@@ -99,8 +99,9 @@ pub struct PartSummary {
     pub touched_at_ms: Option<i64>,
     /// The content digest of a finished part, lowercase hex in
     /// [`digest_algorithm`](Self::digest_algorithm): what
-    /// [`PartInfo::digest`](crate::PartInfo::digest) reports (for BLAKE3,
-    /// what `b3sum` prints for the NDJSON).
+    /// [`PartInfo::digest`](crate::PartInfo::digest) reports (what
+    /// [`DigestAlgorithm::command`](crate::DigestAlgorithm::command)
+    /// prints for the NDJSON).
     pub digest: Option<String>,
     /// The algorithm of [`digest`](Self::digest), once finished.
     pub digest_algorithm: Option<DigestAlgorithm>,

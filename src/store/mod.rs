@@ -80,9 +80,11 @@ pub struct PartInfo {
     /// Number of chunks (zstd frames).
     pub chunk_count: u64,
     /// Lowercase hex digest of the uncompressed content, in
-    /// [`digest_algorithm`](Self::digest_algorithm): for every part this
-    /// version finishes, the BLAKE3 hash (what `b3sum` prints for the
-    /// NDJSON); for parts finished under schema 1, SHA-256.
+    /// [`digest_algorithm`](Self::digest_algorithm): the algorithm of the
+    /// store that finished it ([`StoreOptions::with_digest`](crate::StoreOptions::with_digest)): by default
+    /// XXH3-128 (what `xxhsum -H2` prints for the NDJSON), or BLAKE3 (what
+    /// `b3sum` prints; every part finished under schemas 2 to 5); for parts
+    /// finished under schema 1, SHA-256. It never changes once finished.
     pub digest: String,
     /// The algorithm of [`digest`](Self::digest).
     pub digest_algorithm: DigestAlgorithm,
@@ -497,6 +499,7 @@ impl ExportOutputStore for SqliteOutputStore {
                 chunk_size: o.chunk_size,
                 level: o.compression_level,
                 in_flight: o.in_flight_chunks,
+                digest: o.digest,
             },
         ));
         sink.as_mut().register(key);

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::digest::DigestAlgorithm;
 use crate::error::{StorageError, StorageResult};
 
 /// The default raw (uncompressed) size of one chunk: 1 MiB. Measured on the
@@ -33,6 +34,7 @@ pub struct StoreOptions {
     pub(crate) read_ahead: usize,
     pub(crate) signing_key: Option<Vec<u8>>,
     pub(crate) max_database_size: Option<u64>,
+    pub(crate) digest: DigestAlgorithm,
 }
 
 impl Default for StoreOptions {
@@ -49,6 +51,7 @@ impl Default for StoreOptions {
             read_ahead: 4,
             signing_key: None,
             max_database_size: None,
+            digest: DigestAlgorithm::CURRENT,
         }
     }
 }
@@ -67,6 +70,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("read_ahead", &self.read_ahead)
             .field("signing_key", &self.signing_key.as_ref().map(|_| "<set>"))
             .field("max_database_size", &self.max_database_size)
+            .field("digest", &self.digest)
             .finish()
     }
 }
@@ -157,6 +161,20 @@ impl StoreOptions {
     /// 1 MiB.
     pub fn with_max_database_size(mut self, bytes: Option<u64>) -> Self {
         self.max_database_size = bytes;
+        self
+    }
+
+    /// The content digest recorded for the parts this store finishes
+    /// ([`PartInfo::digest`](crate::PartInfo::digest), the `ETag` of
+    /// downloads). Default [`DigestAlgorithm::Xxh3_128`]: a 128-bit
+    /// checksum at a few percent of compression's cost, which detects
+    /// damage but not deliberate forgery. [`DigestAlgorithm::Blake3`] is
+    /// cryptographic and costs about 13–15% of compression's CPU when
+    /// writing and more than half of decompression's when reading. Parts
+    /// already finished keep the algorithm they were recorded with and are
+    /// verified with it; stores with different settings can share a file.
+    pub fn with_digest(mut self, algorithm: DigestAlgorithm) -> Self {
+        self.digest = algorithm;
         self
     }
 

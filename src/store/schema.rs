@@ -36,6 +36,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_file_types",
         include_str!("../../migrations/0005_file_types.sql"),
     ),
+    (
+        "0006_xxh3_digest",
+        include_str!("../../migrations/0006_xxh3_digest.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
@@ -216,9 +220,10 @@ mod tests {
         prepare(&mut fresh).unwrap();
     }
 
-    /// Migration 5 rebuilds `parts` to widen its file-type check: rows,
-    /// chunks, the id counter, the indexes and the immutability triggers all
-    /// survive, and enforcement of foreign keys comes back on.
+    /// Migrations 5 and 6 rebuild `parts` to widen its file-type and digest
+    /// checks: rows, chunks, the id counter, the indexes and the
+    /// immutability triggers all survive, and enforcement of foreign keys
+    /// comes back on.
     #[test]
     fn the_file_type_migration_keeps_every_row_and_rule() {
         let dir = tempfile::tempdir().unwrap();
@@ -284,6 +289,16 @@ mod tests {
                 .unwrap_err();
             assert!(e.to_string().contains("CHECK"), "{bad:?}: {e}");
         }
+        // XXH3-128 digests are accepted, names the store does not know are not.
+        c.execute(
+            "UPDATE parts SET digest_algorithm = 'xxh3-128' WHERE id = 4",
+            [],
+        )
+        .unwrap();
+        let e = c
+            .execute("UPDATE parts SET digest_algorithm = 'md5' WHERE id = 4", [])
+            .unwrap_err();
+        assert!(e.to_string().contains("CHECK"), "{e}");
         // The rules on finished parts still hold, and deletes still cascade.
         for stmt in [
             "UPDATE parts SET line_count = 5 WHERE id = 1",

@@ -86,9 +86,10 @@ pub fn content(key: &ExportPartKey) -> Vec<u8> {
     out
 }
 
-/// Lowercase hex BLAKE3 (the content digest the store records).
+/// Lowercase hex XXH3-128, high half first (the content digest the store
+/// records by default, as `xxhsum -H2` prints it).
 pub fn digest_hex(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
+    format!("{:032x}", twox_hash::XxHash3_128::oneshot(bytes))
 }
 
 /// Writes `key`'s part (its [`lines`]) and finalizes it, as HFS does.

@@ -350,7 +350,10 @@ async fn write_group(
     );
     table.row(
         &group,
-        "BLAKE3 digest, 1 thread (reference)",
+        &format!(
+            "{} digest, 1 thread (reference)",
+            sqlite_export_store::DigestAlgorithm::CURRENT.label()
+        ),
         mbs(bytes, digest.median(), &digest),
         times(digest.paired(&ceiling)),
         "",

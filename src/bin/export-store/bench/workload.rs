@@ -414,8 +414,8 @@ fn schedstat_cpu(path: impl AsRef<std::path::Path>) -> Duration {
         .unwrap_or_default()
 }
 
-/// The content digest (BLAKE3, what the store records) of a part on one
-/// thread: what the store's digest costs.
+/// The content digest (in the algorithm the store records by default) of
+/// a part on one thread: what the store's digest costs.
 pub fn digest_run(part: &Part) -> Duration {
     use sqlite_export_store::ContentDigest;
     let mut d = ContentDigest::new();
