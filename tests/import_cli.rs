@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use clikit::{bin, code, run, stderr};
 use faultkit::{noisy_lines, read_part, synthea};
 use serde_json::Value;
-use sqlite_export_store::{ExportJobId, PartFilter, SqliteOutputStore};
+use sqlite_export_store::{
+    DigestAlgorithm, ExportJobId, ExportPartKey, PartFilter, SqliteOutputStore,
+};
 
 const BASE: &str = "http://hfs.test";
 
@@ -653,4 +655,54 @@ async fn a_killed_import_publishes_nothing_and_gc_cleans_up() {
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(rows(&db, "killed"), (0, 3));
+}
+
+/// `--digest blake3` records BLAKE3 (what `b3sum` prints) for every part
+/// it imports, the default XXH3-128 (what `xxhsum -H2` prints), into the
+/// same file; a digest the store does not offer is refused before the
+/// store is touched.
+#[tokio::test]
+async fn the_digest_is_the_operators_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("store.db");
+    let dir = tmp.path().join("bulk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let patients = ndjson(&synthea_lines("Patient"));
+    std::fs::write(dir.join("Patient.ndjson"), &patients).unwrap();
+
+    let refused = import(&db, &dir, &["--tenant", "t", "--digest", "md5"]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(!db.exists(), "a refused import creates no store");
+
+    for (job, flag, algorithm, want) in [
+        (
+            "b3",
+            Some("blake3"),
+            DigestAlgorithm::Blake3,
+            blake3::hash(&patients).to_hex().to_string(),
+        ),
+        (
+            "xxh",
+            None,
+            DigestAlgorithm::Xxh3_128,
+            format!("{:032x}", twox_hash::XxHash3_128::oneshot(&patients)),
+        ),
+    ] {
+        let mut args = vec!["--tenant", "t", "--job", job, "--per-part", "100000"];
+        if let Some(f) = flag {
+            args.extend(["--digest", f]);
+        }
+        let out = import(&db, &dir, &args);
+        assert!(out.status.success(), "{out:?}");
+        let store = SqliteOutputStore::open(&db, BASE).unwrap();
+        let key = ExportPartKey::output("t", ExportJobId::from(job), "Patient", 0, 1);
+        let info = store.part_info(&key).await.unwrap();
+        let back = read_part(&store, &key).await.unwrap();
+        assert!(back == patients, "{job}: the part reads back as the file");
+        assert_eq!(
+            (info.digest_algorithm, info.digest),
+            (algorithm, want),
+            "{job}"
+        );
+    }
 }

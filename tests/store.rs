@@ -374,6 +374,11 @@ async fn parts_keep_the_digest_they_were_written_with() {
     )
     .unwrap();
     put(&blake, &key("Patient"), &data).await;
+    // A part of one short chunk, and an empty part, are hashed in order.
+    let end = data[..50_000].iter().rposition(|b| *b == b'\n').unwrap() + 1;
+    let small = &data[..end];
+    put(&blake, &key("Encounter"), small).await;
+    put(&blake, &key("Claim"), b"").await;
     let chunked = SqliteOutputStore::open_with(
         &db,
         "http://127.0.0.1:8080",
@@ -402,8 +407,20 @@ async fn parts_keep_the_digest_they_were_written_with() {
         );
         assert!(read_all(&store, &key(ty)).await.unwrap() == data, "{ty}");
     }
+    for (ty, bytes) in [("Encounter", small), ("Claim", &b""[..])] {
+        let info = store.part_info(&key(ty)).await.unwrap();
+        assert_eq!(
+            (info.digest_algorithm, info.digest),
+            (
+                DigestAlgorithm::Blake3,
+                blake3::hash(bytes).to_hex().to_string()
+            ),
+            "{ty}"
+        );
+        assert!(read_all(&store, &key(ty)).await.unwrap() == bytes, "{ty}");
+    }
     let report = store.verify().await.unwrap();
-    assert_eq!(report.parts_checked, 3);
+    assert_eq!(report.parts_checked, 5);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     drop(store);
 
@@ -430,6 +447,7 @@ async fn parts_keep_the_digest_they_were_written_with() {
         assert!(e.to_string().contains(label), "{ty}: {e}");
     }
     let report = store.verify().await.unwrap();
+    assert_eq!(report.parts_checked, 3);
     assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
 }
 

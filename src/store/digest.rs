@@ -221,6 +221,29 @@ impl ChunkHash {
     }
 }
 
+/// Whether [`hash_chunk`] hashes a chunk of `len` bytes at `raw_offset` of
+/// its part apart (gives it a chaining value), so that it need not be
+/// hashed in order: `algorithm` is BLAKE3 and the chunk is a complete
+/// subtree there (the first chunk: a power of two of at least 1 KiB; a
+/// later one: starts at a multiple of 1 KiB, and fits the largest subtree
+/// starting there).
+pub(crate) fn hashes_apart(algorithm: DigestAlgorithm, raw_offset: u64, len: usize) -> bool {
+    if algorithm != DigestAlgorithm::Blake3 {
+        return false;
+    }
+    if raw_offset == 0 {
+        return tree_compatible(len);
+    }
+    if len == 0 || !raw_offset.is_multiple_of(TREE_CHUNK) {
+        return false;
+    }
+    // The largest subtree that can start at this offset.
+    let room = TREE_CHUNK
+        .checked_shl((raw_offset / TREE_CHUNK).trailing_zeros())
+        .unwrap_or(u64::MAX);
+    len as u64 <= room
+}
+
 /// Hashes one chunk that starts at `raw_offset` of its part, if it can be
 /// hashed apart: `algorithm` is BLAKE3 and the chunk is a complete subtree
 /// there (the first chunk: a power of two of at least 1 KiB; a later one:
@@ -228,30 +251,16 @@ impl ChunkHash {
 /// there). Never panics on odd offsets or lengths (stored rows may be
 /// damaged); such a chunk simply contributes nothing.
 pub(crate) fn hash_chunk(algorithm: DigestAlgorithm, raw_offset: u64, bytes: &[u8]) -> ChunkHash {
-    if algorithm != DigestAlgorithm::Blake3 {
+    if !hashes_apart(algorithm, raw_offset, bytes.len()) {
         return ChunkHash::default();
     }
-    let len = bytes.len() as u64;
     if raw_offset == 0 {
-        if !tree_compatible(bytes.len()) {
-            return ChunkHash::default();
-        }
         let mut h = blake3::Hasher::new();
         h.update(bytes);
         return ChunkHash {
             cv: Some(h.finalize_non_root()),
             alone: Some(h.finalize()),
         };
-    }
-    if len == 0 || !raw_offset.is_multiple_of(TREE_CHUNK) {
-        return ChunkHash::default();
-    }
-    // The largest subtree that can start at this offset.
-    let room = TREE_CHUNK
-        .checked_shl((raw_offset / TREE_CHUNK).trailing_zeros())
-        .unwrap_or(u64::MAX);
-    if len > room {
-        return ChunkHash::default();
     }
     let mut h = blake3::Hasher::new();
     h.set_input_offset(raw_offset);

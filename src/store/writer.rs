@@ -273,8 +273,9 @@ impl PartSink {
         // otherwise the chunk is hashed here, in content order, while it is
         // still in this core's cache (XXH3-128 takes tens of microseconds
         // for a 1 MiB chunk, against a millisecond or more to compress it).
-        let apart =
-            algorithm == DigestAlgorithm::Blake3 && digest::tree_compatible(self.cfg.chunk_size);
+        // (A part's first chunk is hashed apart only if it is a whole
+        // power-of-two chunk; a part of one short chunk is hashed here.)
+        let apart = digest::hashes_apart(algorithm, args.2, raw.len());
         if !apart {
             // A layout error cannot happen in order; a failure would show
             // at finalize as a digest mismatch, never as a wrong digest.

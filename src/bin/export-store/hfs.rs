@@ -67,6 +67,10 @@ pub struct Args {
     /// Which store holds the export and submit output.
     #[arg(long, value_enum, default_value_t = Output::Sqlite)]
     output: Output,
+    /// The content digest the SQLite output store records for each part
+    /// it finishes (and serves as its ETag).
+    #[arg(long, value_enum, default_value_t = crate::Digest::Xxh3_128)]
+    digest: crate::Digest,
     /// Answer export and submit status polls that say "still running" (202)
     /// with this `Retry-After` (in seconds) instead of HFS's 120. For test fixtures and demos: real
     /// clients obey the header, so a small export would otherwise wait two
@@ -359,7 +363,8 @@ fn output_stores(
                 .output_db
                 .clone()
                 .unwrap_or_else(|| args.data_dir.join("export-output.db"));
-            let store = SqliteOutputStore::open_with(&path, &base, StoreOptions::default())
+            let options = StoreOptions::default().with_digest(args.digest.algorithm());
+            let store = SqliteOutputStore::open_with(&path, &base, options)
                 .map_err(|e| format!("cannot open the output store {}: {e}", path.display()))?;
             spawn_reclaim_abandoned(
                 store.clone(),

@@ -44,7 +44,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, ExportPartKey, ExportPartWriter, FinalizedPart, PartFilter,
-    SqliteOutputStore, StorageError,
+    SqliteOutputStore, StorageError, StoreOptions,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -89,6 +89,9 @@ pub struct Args {
     /// The parts' fencing token (HFS's first claim of a job is 1).
     #[arg(long, default_value_t = 1)]
     token: u64,
+    /// The content digest recorded for each part (and served as its ETag).
+    #[arg(long, value_enum, default_value_t = crate::Digest::Xxh3_128)]
+    digest: crate::Digest,
 }
 
 type Failure = Box<dyn std::error::Error>;
@@ -158,7 +161,8 @@ async fn import(args: Args) -> Result<(), Stop> {
     key(plan[0].file_type, &plan[0].resource_type, 0)
         .validate("import")
         .map_err(store_stop)?;
-    let store = SqliteOutputStore::open(&args.db, &args.base_url)
+    let options = StoreOptions::default().with_digest(args.digest.algorithm());
+    let store = SqliteOutputStore::open_with(&args.db, &args.base_url, options)
         .map_err(|e| format!("cannot open the store {}: {e}", args.db.display()))?;
     // Refused before anything is read: a job that exists is never joined
     // (the publish checks it again, atomically).
