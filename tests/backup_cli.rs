@@ -563,3 +563,23 @@ async fn figures_backup_of_a_256_mib_file_under_four_writers() {
     let f = backup_under_writers(tmp.path(), fill, &[]).await;
     print_figures("256 MiB of random base64 NDJSON", &f);
 }
+
+/// The backup gets the store file's permissions, whatever the umask: a
+/// store its operator's group may read gives a backup the group may read,
+/// a private one a private backup.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_has_the_store_files_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store.db");
+    fill_store(&db, Fill::Synthea { parts: 3 }).await;
+    for mode in [0o640, 0o600, 0o644] {
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(mode)).unwrap();
+        let to = dir.path().join(format!("backup-{mode:o}.db"));
+        let out = backup(&db, &to, &[]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let got = std::fs::metadata(&to).unwrap().permissions().mode() & 0o777;
+        assert_eq!(got, mode, "backup of a {mode:o} store is {got:o}");
+    }
+}

@@ -212,9 +212,12 @@ impl SqliteOutputStore {
         let verify_time = verify_started.elapsed();
 
         let overwrite = options.overwrite;
+        // The copy gets the store file's permissions: a store readable by
+        // its operator's group gives a backup the group can read too.
+        let permissions = std::fs::metadata(self.path()).ok().map(|m| m.permissions());
         let file_bytes = self
             .db()
-            .blocking(op, move || temp.publish(op, &dest, overwrite))
+            .blocking(op, move || temp.publish(op, &dest, overwrite, permissions))
             .await?;
         Ok(BackupReport {
             pages: copied.pages,
@@ -395,8 +398,15 @@ impl TempCopy {
     /// Sets the verified copy back to a single file (rollback journal, no
     /// `-wal` beside it), syncs it, renames it to `dest` (refusing an
     /// existing `dest` unless `overwrite`, atomically) and syncs the
-    /// folder. Returns the copy's size. Blocking.
-    fn publish(mut self, op: &'static str, dest: &Path, overwrite: bool) -> StorageResult<u64> {
+    /// folder. The copy first gets `permissions` (the store file's), if
+    /// known. Returns the copy's size. Blocking.
+    fn publish(
+        mut self,
+        op: &'static str,
+        dest: &Path,
+        overwrite: bool,
+        permissions: Option<std::fs::Permissions>,
+    ) -> StorageResult<u64> {
         let fail = |e| from_sqlite(op, e);
         let c = Connection::open_with_flags(
             &self.path,
@@ -425,6 +435,10 @@ impl TempCopy {
         }
         let file = File::open(&self.path)
             .map_err(|e| io_error(op, "cannot reopen the copy to sync it", e))?;
+        if let Some(p) = permissions {
+            file.set_permissions(p)
+                .map_err(|e| io_error(op, "cannot give the copy the store's permissions", e))?;
+        }
         file.sync_all()
             .map_err(|e| io_error(op, "cannot sync the copy to disk", e))?;
         let bytes = file
