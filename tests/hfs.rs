@@ -427,7 +427,13 @@ async fn provider(files: BTreeMap<String, (String, Vec<u8>)>) -> Provider {
 #[test]
 fn bulk_submit_with_output_and_deleted_files_completes_and_serves_its_receipts() {
     let sample = Sample::load();
-    let hfs = Hfs::start(HfsOptions::default().env("HFS_BULK_SUBMIT_POLL_RATE_LIMIT", "0"));
+    // This server's store records BLAKE3 (`--digest blake3`); the others
+    // record the default XXH3-128.
+    let hfs = Hfs::start(
+        HfsOptions::default()
+            .env("HFS_BULK_SUBMIT_POLL_RATE_LIMIT", "0")
+            .digest("blake3"),
+    );
     block_on(async {
         let http = http();
         let patients = &sample.resources["Patient"];
@@ -664,6 +670,21 @@ fn bulk_submit_with_output_and_deleted_files_completes_and_serves_its_receipts()
             "the store's finished parts by file type: {kinds:?}"
         );
         assert!(kinds.iter().any(|(k, _)| k == "output"), "{kinds:?}");
+        // Recorded with BLAKE3, as `--digest blake3` asked, and each digest
+        // is the content's: `verify` recomputes every one.
+        let algorithms: Vec<String> = db
+            .prepare("SELECT DISTINCT digest_algorithm FROM parts WHERE finalized = 1")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(algorithms, ["blake3"]);
+        let store =
+            sqlite_export_store::SqliteOutputStore::open(&hfs.output_db, &hfs.base).unwrap();
+        let report = store.verify().await.unwrap();
+        assert!(report.parts_checked >= 2, "{report:?}");
+        assert!(report.problems.is_empty(), "{report:?}");
     });
 }
 

@@ -87,6 +87,8 @@ pub struct HfsOptions {
     /// `--metrics-addr 127.0.0.1:0`: `/metrics` and `/healthz` on a
     /// listener of their own, at [`Hfs::metrics`].
     pub metrics: bool,
+    /// `--digest`, when set.
+    pub digest: Option<&'static str>,
 }
 
 impl HfsOptions {
@@ -100,6 +102,10 @@ impl HfsOptions {
     }
     pub fn metrics(mut self) -> Self {
         self.metrics = true;
+        self
+    }
+    pub fn digest(mut self, name: &'static str) -> Self {
+        self.digest = Some(name);
         self
     }
 }
@@ -194,6 +200,9 @@ impl Hfs {
         }
         if options.metrics {
             args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+        }
+        if let Some(d) = options.digest {
+            args.extend(["--digest".into(), d.into()]);
         }
         let mut cmd = if options.outlive_handle {
             let mut c = Command::new("sh");
