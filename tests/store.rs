@@ -388,7 +388,20 @@ async fn parts_keep_the_digest_they_were_written_with() {
     )
     .unwrap();
     put(&chunked, &key("Condition"), &data).await;
-    drop((blake, chunked));
+    // 3 KiB chunks: not a subtree's size, though some of them start where
+    // a subtree of 4 KiB could; hashed in order all the same.
+    let odd = SqliteOutputStore::open_with(
+        &db,
+        "http://127.0.0.1:8080",
+        StoreOptions::default()
+            .with_digest(DigestAlgorithm::Blake3)
+            .with_chunk_size(3072),
+    )
+    .unwrap();
+    let cut = data[..200_000].iter().rposition(|b| *b == b'\n').unwrap() + 1;
+    let procedure = &data[..cut];
+    put(&odd, &key("Procedure"), procedure).await;
+    drop((blake, chunked, odd));
     let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
     put(&store, &key("Observation"), &data).await;
 
@@ -407,7 +420,11 @@ async fn parts_keep_the_digest_they_were_written_with() {
         );
         assert!(read_all(&store, &key(ty)).await.unwrap() == data, "{ty}");
     }
-    for (ty, bytes) in [("Encounter", small), ("Claim", &b""[..])] {
+    for (ty, bytes) in [
+        ("Encounter", small),
+        ("Claim", &b""[..]),
+        ("Procedure", procedure),
+    ] {
         let info = store.part_info(&key(ty)).await.unwrap();
         assert_eq!(
             (info.digest_algorithm, info.digest),
@@ -420,7 +437,7 @@ async fn parts_keep_the_digest_they_were_written_with() {
         assert!(read_all(&store, &key(ty)).await.unwrap() == bytes, "{ty}");
     }
     let report = store.verify().await.unwrap();
-    assert_eq!(report.parts_checked, 5);
+    assert_eq!(report.parts_checked, 6);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     drop(store);
 
@@ -447,7 +464,7 @@ async fn parts_keep_the_digest_they_were_written_with() {
         assert!(e.to_string().contains(label), "{ty}: {e}");
     }
     let report = store.verify().await.unwrap();
-    assert_eq!(report.parts_checked, 3);
+    assert_eq!(report.parts_checked, 4);
     assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
 }
 
@@ -643,4 +660,56 @@ async fn backup_to_copies_finished_parts_only_and_refuses_to_overwrite() {
     assert!(read_all(&copy, &k(0)).await.unwrap() == data);
     assert!(copy.part_info(&k(1)).await.unwrap_err().is_not_found());
     assert_eq!(finished_of(&copy, "j").await.len(), 1);
+}
+
+/// Whatever the chunk size and the part's length, the recorded digest is
+/// the plain hash of the NDJSON (BLAKE3 as `b3sum` prints it, XXH3-128 as
+/// `xxhsum -H2` prints it): chunk sizes that are BLAKE3 subtrees and sizes
+/// that are not, parts shorter than a chunk, of whole chunks, and between.
+#[tokio::test]
+async fn every_chunk_size_gives_the_plain_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("sizes.db");
+    // Lines of 31 bytes with their newline: part lengths land anywhere.
+    let line = |i: usize| format!(r#"{{"resourceType":"P","id":"{i:05}"}}"#);
+    let job = ExportJobId::new();
+    let mut n = 0;
+    for chunk in [1000, 1024, 3072, 4096, 6144, 8192] {
+        for algorithm in [DigestAlgorithm::Blake3, DigestAlgorithm::Xxh3_128] {
+            let store = SqliteOutputStore::open_with(
+                &db,
+                "http://127.0.0.1:8080",
+                StoreOptions::default()
+                    .with_chunk_size(chunk)
+                    .with_digest(algorithm),
+            )
+            .unwrap();
+            for lines in [0, 1, 33, 34, 66, 67, 132, 133, 270, 1000] {
+                let mut data = Vec::new();
+                for i in 0..lines {
+                    data.extend_from_slice(line(i).as_bytes());
+                    data.push(b'\n');
+                }
+                let key = ExportPartKey::output("default", job.clone(), "P", n, 1);
+                n += 1;
+                put(&store, &key, &data).await;
+                let want = match algorithm {
+                    DigestAlgorithm::Blake3 => blake3::hash(&data).to_hex().to_string(),
+                    _ => format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data)),
+                };
+                let info = store.part_info(&key).await.unwrap();
+                assert_eq!(
+                    (info.digest_algorithm, info.digest.as_str()),
+                    (algorithm, want.as_str()),
+                    "{algorithm} with chunks of {chunk}, {} bytes",
+                    data.len()
+                );
+                assert!(read_all(&store, &key).await.unwrap() == data);
+            }
+        }
+    }
+    let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.parts_checked, n as u64);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

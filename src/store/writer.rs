@@ -273,12 +273,14 @@ impl PartSink {
         // otherwise the chunk is hashed here, in content order, while it is
         // still in this core's cache (XXH3-128 takes tens of microseconds
         // for a 1 MiB chunk, against a millisecond or more to compress it).
-        // (A part's first chunk is hashed apart only if it is a whole
-        // power-of-two chunk; a part of one short chunk is hashed here.)
-        let apart = digest::hashes_apart(algorithm, args.2, raw.len());
+        // A part is hashed apart only if its chunk size is a subtree's, and
+        // then every chunk but a short first one (a part of one chunk) is
+        // a subtree: a part never mixes the two ways.
+        let apart = digest::tree_compatible(self.cfg.chunk_size)
+            && digest::hashes_apart(algorithm, args.2, raw.len());
         if !apart {
-            // A layout error cannot happen in order; a failure would show
-            // at finalize as a digest mismatch, never as a wrong digest.
+            // Hashing in order cannot fail; were it to, the writer fails
+            // rather than record a wrong digest.
             if let Err(e) = self.hasher.push(&raw, ChunkHash::default()) {
                 self.failed
                     .get_or_insert((e.kind(), e.message().to_string()));
