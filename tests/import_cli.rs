@@ -685,7 +685,7 @@ async fn the_digest_is_the_operators_choice() {
             "xxh",
             None,
             DigestAlgorithm::Xxh3_128,
-            format!("{:032x}", twox_hash::XxHash3_128::oneshot(&patients)),
+            faultkit::digest_hex(&patients),
         ),
     ] {
         let mut args = vec!["--tenant", "t", "--job", job, "--per-part", "100000"];

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+mod faultkit;
+
 use sqlite_export_store::__test_support::sample;
 use sqlite_export_store::testkit::conformance::read_all;
 use sqlite_export_store::{
@@ -12,6 +14,16 @@ use sqlite_export_store::{
 /// One file of the Synthea sample vendored in the repository.
 fn synthea(file: &str) -> Vec<u8> {
     sample::synthea_file(file).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The plain hash of `bytes` by an implementation of `algorithm` other than
+/// the store's path: what `b3sum` or `xxhsum -H2` prints.
+fn reference_digest(algorithm: DigestAlgorithm, bytes: &[u8]) -> String {
+    match algorithm {
+        DigestAlgorithm::Blake3 => blake3::hash(bytes).to_hex().to_string(),
+        DigestAlgorithm::Xxh3_128 => faultkit::digest_hex(bytes),
+        other => panic!("no reference for {other}"),
+    }
 }
 
 async fn put(store: &SqliteOutputStore, key: &ExportPartKey, data: &[u8]) {
@@ -42,7 +54,7 @@ async fn synthea_export_round_trips_file_by_file() {
             data.iter().filter(|b| **b == b'\n').count() as u64,
             "{ty}"
         );
-        let want = format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data));
+        let want = reference_digest(DigestAlgorithm::Xxh3_128, &data);
         assert_eq!(
             (info.digest.as_str(), info.digest_algorithm),
             (want.as_str(), DigestAlgorithm::Xxh3_128),
@@ -339,7 +351,7 @@ async fn parts_finished_under_schema_1_keep_and_check_their_sha256_digests() {
     assert_eq!(info.digest_algorithm, DigestAlgorithm::Xxh3_128);
     assert_eq!(
         info.digest,
-        format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data))
+        reference_digest(DigestAlgorithm::Xxh3_128, &data)
     );
     assert!(read_all(&store, &fresh).await.unwrap() == data);
 }
@@ -367,37 +379,24 @@ async fn parts_keep_the_digest_they_were_written_with() {
     }
     let job = ExportJobId::new();
     let key = |ty: &str| ExportPartKey::output("default", job.clone(), ty, 0, 1);
-    let blake = SqliteOutputStore::open_with(
-        &db,
-        "http://127.0.0.1:8080",
-        StoreOptions::default().with_digest(DigestAlgorithm::Blake3),
-    )
-    .unwrap();
+    let blake3_store = |chunk_size: usize| {
+        let options = StoreOptions::default()
+            .with_digest(DigestAlgorithm::Blake3)
+            .with_chunk_size(chunk_size);
+        SqliteOutputStore::open_with(&db, "http://127.0.0.1:8080", options).unwrap()
+    };
+    let blake = blake3_store(1 << 20);
     put(&blake, &key("Patient"), &data).await;
     // A part of one short chunk, and an empty part, are hashed in order.
     let end = data[..50_000].iter().rposition(|b| *b == b'\n').unwrap() + 1;
     let small = &data[..end];
     put(&blake, &key("Encounter"), small).await;
     put(&blake, &key("Claim"), b"").await;
-    let chunked = SqliteOutputStore::open_with(
-        &db,
-        "http://127.0.0.1:8080",
-        StoreOptions::default()
-            .with_digest(DigestAlgorithm::Blake3)
-            .with_chunk_size(1_000_000),
-    )
-    .unwrap();
+    let chunked = blake3_store(1_000_000);
     put(&chunked, &key("Condition"), &data).await;
     // 3 KiB chunks: not a subtree's size, though some of them start where
     // a subtree of 4 KiB could; hashed in order all the same.
-    let odd = SqliteOutputStore::open_with(
-        &db,
-        "http://127.0.0.1:8080",
-        StoreOptions::default()
-            .with_digest(DigestAlgorithm::Blake3)
-            .with_chunk_size(3072),
-    )
-    .unwrap();
+    let odd = blake3_store(3072);
     let cut = data[..200_000].iter().rposition(|b| *b == b'\n').unwrap() + 1;
     let procedure = &data[..cut];
     put(&odd, &key("Procedure"), procedure).await;
@@ -405,8 +404,8 @@ async fn parts_keep_the_digest_they_were_written_with() {
     let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
     put(&store, &key("Observation"), &data).await;
 
-    let b3 = blake3::hash(&data).to_hex().to_string();
-    let xxh = format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data));
+    let b3 = reference_digest(DigestAlgorithm::Blake3, &data);
+    let xxh = reference_digest(DigestAlgorithm::Xxh3_128, &data);
     for (ty, algorithm, want) in [
         ("Patient", DigestAlgorithm::Blake3, &b3),
         ("Condition", DigestAlgorithm::Blake3, &b3),
@@ -430,7 +429,7 @@ async fn parts_keep_the_digest_they_were_written_with() {
             (info.digest_algorithm, info.digest),
             (
                 DigestAlgorithm::Blake3,
-                blake3::hash(bytes).to_hex().to_string()
+                reference_digest(DigestAlgorithm::Blake3, bytes)
             ),
             "{ty}"
         );
@@ -443,10 +442,7 @@ async fn parts_keep_the_digest_they_were_written_with() {
 
     // The same bytes under a digest that is not theirs, for one part of
     // each kind: named as a mismatch of that algorithm, on read and verify.
-    {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute_batch("DROP TRIGGER parts_finished_are_immutable")
-            .unwrap();
+    faultkit::with_triggers_lifted(&db, |c| {
         for (ty, wrong) in [("Patient", "0".repeat(64)), ("Observation", "0".repeat(32))] {
             assert!(wrong != b3 && wrong != xxh);
             let n = c
@@ -457,7 +453,7 @@ async fn parts_keep_the_digest_they_were_written_with() {
                 .unwrap();
             assert_eq!(n, 1);
         }
-    }
+    });
     let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
     for (ty, label) in [("Patient", "BLAKE3"), ("Observation", "XXH3-128")] {
         let e = read_all(&store, &key(ty)).await.unwrap_err();
@@ -693,10 +689,7 @@ async fn every_chunk_size_gives_the_plain_digest() {
                 let key = ExportPartKey::output("default", job.clone(), "P", n, 1);
                 n += 1;
                 put(&store, &key, &data).await;
-                let want = match algorithm {
-                    DigestAlgorithm::Blake3 => blake3::hash(&data).to_hex().to_string(),
-                    _ => format!("{:032x}", twox_hash::XxHash3_128::oneshot(&data)),
-                };
+                let want = reference_digest(algorithm, &data);
                 let info = store.part_info(&key).await.unwrap();
                 assert_eq!(
                     (info.digest_algorithm, info.digest.as_str()),

@@ -96,15 +96,6 @@ impl DigestAlgorithm {
             DigestAlgorithm::Blake3 | DigestAlgorithm::Sha256 => 64,
         }
     }
-
-    /// The command that prints this digest for a file of NDJSON.
-    pub fn command(self) -> &'static str {
-        match self {
-            DigestAlgorithm::Xxh3_128 => "xxhsum -H2",
-            DigestAlgorithm::Blake3 => "b3sum",
-            DigestAlgorithm::Sha256 => "sha256sum",
-        }
-    }
 }
 
 impl std::fmt::Display for DigestAlgorithm {

@@ -100,8 +100,7 @@ pub struct PartSummary {
     /// The content digest of a finished part, lowercase hex in
     /// [`digest_algorithm`](Self::digest_algorithm): what
     /// [`PartInfo::digest`](crate::PartInfo::digest) reports (what
-    /// [`DigestAlgorithm::command`](crate::DigestAlgorithm::command)
-    /// prints for the NDJSON).
+    /// `xxhsum -H2`, `b3sum` or `sha256sum` prints for the NDJSON).
     pub digest: Option<String>,
     /// The algorithm of [`digest`](Self::digest), once finished.
     pub digest_algorithm: Option<DigestAlgorithm>,
