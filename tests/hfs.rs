@@ -759,7 +759,7 @@ fn a_killed_server_resumes_the_export_after_the_lease_and_serves_every_resource_
             "resumed export completed {:.1}s after the restart",
             started.elapsed().as_secs_f64()
         ));
-        let got = download_all(&http, &second.base, &kickoff_url, &m).await;
+        let got = download_all(&http, &second.base, &kickoff_url, &m, false).await;
         assert_exactly_once(
             "export resumed after SIGKILL",
             &sample.ids(&types),

@@ -78,7 +78,8 @@ pub fn http() -> reqwest::Client {
 pub struct HfsOptions {
     /// `--batch-size`.
     pub batch_size: Option<u32>,
-    /// Environment variables for HFS (`HFS_*`).
+    /// Environment variables for HFS (`HFS_*`); `{data_dir}` in a value
+    /// stands for the server's data folder.
     pub env: Vec<(String, String)>,
     /// Run it under a watchdog that stops it, and removes its folder, when
     /// this test process ends, even though the handle is never dropped
@@ -219,7 +220,12 @@ impl Hfs {
             c
         };
         cmd.args(&args)
-            .envs(options.env.iter().map(|(k, v)| (k, v)))
+            .envs(
+                options
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k, v.replace("{data_dir}", data_dir.to_str().unwrap()))),
+            )
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd
@@ -728,10 +734,21 @@ pub struct Export {
 /// Kicks off `GET {base}{path}`, polls it to completion and downloads every
 /// file (see [`download_all`]).
 pub async fn export(http: &reqwest::Client, base: &str, path: &str) -> Export {
+    export_as(http, base, path, false).await
+}
+
+/// [`export`] on a server whose manifests say `requiresAccessToken:
+/// requires_token` (`http` then sends the token).
+pub async fn export_as(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    requires_token: bool,
+) -> Export {
     let url = format!("{base}{path}");
     let status_url = kickoff(http, &url).await;
     let manifest = manifest(http, &status_url).await;
-    let got = download_all(http, base, &url, &manifest).await;
+    let got = download_all(http, base, &url, &manifest, requires_token).await;
     Export {
         status_url,
         manifest,
@@ -753,7 +770,8 @@ pub struct Downloaded {
 }
 
 /// Checks a complete export manifest's fields (`request` must be
-/// `kickoff_url`) and downloads every output file: 200,
+/// `kickoff_url`, `requiresAccessToken` must be `requires_token`) and
+/// downloads every output file: 200,
 /// `application/fhir+ndjson`, every line a resource of the entry's type, as
 /// many lines as its `count`. Files must be on `base`'s `/export-file/`
 /// route.
@@ -762,6 +780,7 @@ pub async fn download_all(
     base: &str,
     kickoff_url: &str,
     manifest: &Value,
+    requires_token: bool,
 ) -> Downloaded {
     let m = manifest;
     let tt = m["transactionTime"]
@@ -774,8 +793,8 @@ pub async fn download_all(
     assert_eq!(request, kickoff_url, "the manifest's request");
     assert_eq!(
         m["requiresAccessToken"],
-        json!(false),
-        "requiresAccessToken (auth is off): {m}"
+        json!(requires_token),
+        "requiresAccessToken: {m}"
     );
     assert!(m["error"].is_array(), "`error` must be an array: {m}");
     assert_eq!(m["error"], json!([]), "the export reported errors: {m}");

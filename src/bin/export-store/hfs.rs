@@ -6,9 +6,13 @@
 //! `build_bulk_submit` and their worker pools): HFS's `SqliteBackend` holds
 //! the resources and the job state, HFS's own workers claim and run the jobs,
 //! HFS's routes serve the FHIR API, the status URLs and the file downloads.
-//! Only the output store differs. What is left out (the web UI, auth, audit,
-//! other backends) is listed in docs/hfs.md; `/metrics` is served only on
-//! the listener of `--metrics-addr` (see `watch.rs`).
+//! Only the output store differs. Authentication and audit come from HFS's
+//! own `HFS_AUTH_*` and `HFS_AUDIT_*` settings, built as `hfs` builds them
+//! (`security.rs`). What is left out (the web UI, other backends) is listed
+//! in docs/hfs.md; `/metrics` is served only on the listener of
+//! `--metrics-addr` (see `watch.rs`).
+
+mod security;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -118,20 +122,44 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     write_search_parameters(&args.data_dir)?;
     let backend = Arc::new(sqlite_backend(&config)?);
+    let security = security::from_env(&config, |url| {
+        let mut audit_db = config.clone();
+        audit_db.database_url = Some(url.to_owned());
+        let storage: Arc<dyn helios_persistence::core::ResourceStorage> =
+            Arc::new(sqlite_backend(&audit_db).map_err(|e| format!("the audit database: {e}"))?);
+        Ok(storage)
+    })
+    .await
+    .map_err(|e| format!("cannot start: {e}"))?;
     seed_default_tenant(backend.as_ref(), &config).await;
     spawn_wal_maintenance(backend.clone());
 
     let workers = Workers::default();
-    let (export_output, submit_output, our_output) = output_stores(&args, &config)?;
+    let (export_output, submit_output, our_output) =
+        output_stores(&args, &config, security.authenticates())?;
     let export = export_bundle(&config, &backend, export_output, &workers);
     let submit = submit_bundle(&config, &backend, submit_output, &workers)?;
 
+    if let Some(audit) = &security.audit_state {
+        helios_audit::lifecycle::record_startup(
+            &*audit.sink,
+            &audit.config.source_observer,
+            vec![
+                ("storage-backend", "sqlite".to_string()),
+                ("fhir-version", format!("{:?}", config.default_fhir_version)),
+                ("auth-enabled", security.authenticates().to_string()),
+                ("audit-backend", audit.config.backend.to_string()),
+            ],
+        )
+        .await;
+    }
+    let authenticates = security.authenticates();
     let app = helios_rest::create_app_with_auth_and_bulk(
         backend.clone(),
         config.clone(),
-        helios_auth::AuthConfig::default(),
-        None,
-        None,
+        security.auth_config,
+        security.auth_state,
+        security.audit_state,
         export,
         submit,
     );
@@ -175,6 +203,7 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         base_url = %config.base_url,
         data_dir = %args.data_dir.display(),
         output = ?args.output,
+        auth_enabled = authenticates,
         "Helios FHIR Server started"
     );
     let stop = workers.stop.clone();
@@ -342,19 +371,22 @@ type Outputs = (
 /// The output stores of bulk export and bulk submit.
 ///
 /// The export store says a token is needed exactly when HFS's setting says
-/// so (`HFS_BULK_EXPORT_REQUIRES_ACCESS_TOKEN`; `auto` follows auth, which
-/// is off here): without one, HFS advertises the store's own URLs, which are
-/// HFS's `/export-file/{job}/{Type}-{n}` route. The submit store always says
-/// a token is needed, as in HFS: only then does HFS advertise its
+/// so (`HFS_BULK_EXPORT_REQUIRES_ACCESS_TOKEN`; `auto`, the default,
+/// follows `authenticates`: whether the router was really given HFS's
+/// bearer-token check, never a variable read again). The URL is HFS's own
+/// `/export-file/{job}/{Type}-{n}` route either way; the flag tells clients
+/// whether to send their token there. The submit store always says a token
+/// is needed, as in HFS: only then does HFS advertise its
 /// `/bulk-submit-file/...` route, which is the one that serves receipts.
 fn output_stores(
     args: &Args,
     config: &ServerConfig,
+    authenticates: bool,
 ) -> Result<Outputs, Box<dyn std::error::Error>> {
     let export_token = match config.bulk_export.requires_access_token.as_str() {
         "true" => true,
         "false" => false,
-        _ => helios_auth::AuthConfig::from_env().enabled,
+        _ => authenticates,
     };
     let base = config.base_url.clone();
     Ok(match args.output {
