@@ -232,7 +232,7 @@ fn every_door_refuses_a_missing_or_bad_token_and_lets_a_good_one_in() {
             ]
         });
         let patient = json!({"resourceType": "Patient", "id": "intruder", "active": true});
-        let doors: Vec<(&str, Method, String, Option<&Value>, Vec<(&str, &str)>)> = vec![
+        let doors: Vec<Door> = vec![
             (
                 "FHIR search",
                 Method::GET,
@@ -555,6 +555,18 @@ fn every_door_refuses_a_missing_or_bad_token_and_lets_a_good_one_in() {
     });
 }
 
+/// A door: its name, method, URL, body and extra headers.
+type Door<'a> = (
+    &'a str,
+    Method,
+    String,
+    Option<&'a Value>,
+    Vec<(&'a str, &'a str)>,
+);
+
+/// Environment variables.
+type Env<'a> = Vec<(&'a str, &'a str)>;
+
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
@@ -696,7 +708,7 @@ fn each_tenant_exports_only_its_own_resources_and_never_reads_the_others() {
         let again = download_all(
             &http_a,
             &hfs.base,
-            &ea.manifest["request"].as_str().unwrap().to_string(),
+            ea.manifest["request"].as_str().unwrap(),
             &manifest(&http_a, &ea.status_url).await,
             true,
         )
@@ -901,7 +913,8 @@ fn a_broken_auth_configuration_stops_the_server_before_it_listens() {
     let jwks = ("HFS_AUTH_JWKS_URL", idp.jwks_url.as_str());
     let iss = ("HFS_AUTH_ISSUER", ISSUER);
     let aud = ("HFS_AUTH_AUDIENCE", AUDIENCE);
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    // (what is broken, the environment, the variable the error names)
+    let cases: Vec<(&str, Env, &str)> = vec![
         ("no JWKS URL", vec![on, iss, aud], "HFS_AUTH_JWKS_URL"),
         ("no issuer", vec![on, jwks, aud], "HFS_AUTH_ISSUER"),
         (
