@@ -28,9 +28,10 @@ pub mod schema {
 }
 
 /// The crash-test seam (feature `failpoints`): the variable that arms a
-/// point, and every point's name.
+/// point, every point's name, and the variable that weakens the finalize's
+/// sync.
 pub mod failpoint {
-    pub use crate::store::failpoint::{ENV, POINTS};
+    pub use crate::store::failpoint::{ENV, FINALIZE_SYNC_ENV, POINTS};
 }
 
 /// Route paths and URL signatures, to forge and check signed URLs.

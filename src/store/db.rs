@@ -595,7 +595,7 @@ fn commit_durable(conn: &mut Connection, group: Vec<DurableCall>) {
     let (runs, finishes): (Vec<_>, Vec<_>) = group.into_iter().map(|c| (c.run, c.finish)).unzip();
     let outcome = (|| -> Result<(), StorageError> {
         let sql = |e| from_sqlite(op, e);
-        conn.pragma_update(None, "synchronous", "FULL")
+        conn.pragma_update(None, "synchronous", failpoint::finalize_sync())
             .map_err(sql)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)

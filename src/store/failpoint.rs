@@ -58,6 +58,40 @@ pub const POINTS: &[&str] = &[
 /// The environment variable that arms a fail point.
 pub const ENV: &str = "EXPORT_STORE_FAILPOINT";
 
+/// The environment variable that, with the `failpoints` feature, weakens
+/// the durable commit (finalize): its value (`FULL`, `NORMAL` or `OFF`) is
+/// the `PRAGMA synchronous` of that commit instead of `FULL`. The power-cut
+/// tests set it to `OFF` to prove that they catch a store that skips the
+/// finalize's fsync. Any other value stops the process with exit status 2.
+pub const FINALIZE_SYNC_ENV: &str = "EXPORT_STORE_FINALIZE_SYNC";
+
+/// The `PRAGMA synchronous` of the durable commit: `FULL`.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn finalize_sync() -> &'static str {
+    "FULL"
+}
+
+/// The `PRAGMA synchronous` of the durable commit: `FULL`, unless
+/// [`FINALIZE_SYNC_ENV`] says otherwise (read once).
+#[cfg(feature = "failpoints")]
+pub(crate) fn finalize_sync() -> &'static str {
+    static LEVEL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    LEVEL.get_or_init(|| match std::env::var(FINALIZE_SYNC_ENV).ok().as_deref() {
+        None | Some("FULL") => "FULL",
+        Some("NORMAL") => "NORMAL",
+        Some("OFF") => "OFF",
+        Some(other) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "{FINALIZE_SYNC_ENV}={other:?}: expected FULL, NORMAL or OFF"
+            );
+            std::process::exit(2);
+        }
+    })
+}
+
 /// Marks the fail point `name`. Without the `failpoints` feature this does
 /// nothing.
 #[cfg(not(feature = "failpoints"))]
