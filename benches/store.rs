@@ -13,6 +13,9 @@
 //!   decompression alone and reading the file.
 //! - `hfs_small_part`: open, 1,000 resources, finalize; one part per
 //!   iteration, so criterion's distribution is the latency distribution.
+//! - `hfs_finalize`: the same parts, each resource serialized before it is
+//!   written as HFS's export worker does, timing only what such a producer
+//!   waits for: the last line written to `finalize_part` returned.
 //! - `delete_job_outputs/1000-parts`: the setup (filling the job) is not
 //!   timed.
 //!
@@ -35,7 +38,8 @@ mod workload;
 
 use workload::{
     codec_parallel, codec_run, delete_job, discard, fill_job, hfs_parts, key, read_part, settle,
-    write_concurrently, write_part, Contenders, Corpus, Which, HFS_BATCH, READ_BUFFER,
+    write_concurrently, write_part, write_part_timed, Contenders, Corpus, Producer, Which,
+    HFS_BATCH, READ_BUFFER,
 };
 
 const MIB: u64 = 1 << 20;
@@ -227,6 +231,34 @@ fn hfs_small_part(c: &mut Criterion) {
     g.finish();
 }
 
+fn hfs_finalize(c: &mut Criterion) {
+    let rt = runtime();
+    let stores = contenders();
+    let corpus = corpora().remove(0);
+    let parts = hfs_parts(&corpus, 64, HFS_BATCH);
+    let mut g = c.benchmark_group("hfs_finalize");
+    g.measurement_time(Duration::from_secs(3));
+    for w in [Which::Store, Which::FsSync, Which::Fs] {
+        let (stores, parts) = (&stores, &parts);
+        g.bench_function(format!("1000-resources/{}", label(w)), |b| {
+            b.to_async(&rt).iter_custom(|iters| async move {
+                let job = ExportJobId::new();
+                let mut spent = Duration::ZERO;
+                for i in 0..iters {
+                    let p = &parts[i as usize % parts.len()];
+                    let k = key(&job, i as u32);
+                    let t = write_part_timed(stores.get(w), &k, p, Producer::Serializing)
+                        .await
+                        .unwrap();
+                    spent += t.finalize;
+                }
+                spent
+            })
+        });
+    }
+    g.finish();
+}
+
 fn delete_job_outputs(c: &mut Criterion) {
     const PARTS: usize = 1000;
     const LINES: usize = 100;
@@ -268,6 +300,7 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = write_one_part, write_concurrent, read_one_part, hfs_small_part, delete_job_outputs
+    targets = write_one_part, write_concurrent, read_one_part, hfs_small_part, hfs_finalize,
+        delete_job_outputs
 }
 criterion_main!(benches);

@@ -706,3 +706,72 @@ async fn every_chunk_size_gives_the_plain_digest() {
     assert_eq!(report.parts_checked, n as u64);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// A producer slower than compression (as HFS's export worker, which
+/// serializes each resource) has its chunks compressed piece by piece while
+/// it writes: every part still reads back byte for byte, records the plain
+/// digest of its bytes, and stores frames that declare their own length,
+/// whatever the chunk size (a power of two or not), the part's length
+/// (under a piece, a piece and a line, several chunks) and the digest.
+#[tokio::test(flavor = "multi_thread")]
+async fn chunks_compressed_while_a_slow_producer_writes_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("pieces.db");
+    let job = ExportJobId::new();
+    let lines = faultkit::noisy_lines(7, 40_000, 90);
+    let mut n = 0;
+    for (chunk, algorithm) in [
+        (1 << 20, DigestAlgorithm::Xxh3_128),
+        (300_000, DigestAlgorithm::Xxh3_128),
+        (300_000, DigestAlgorithm::Blake3),
+        ((256 << 10) + 1, DigestAlgorithm::Xxh3_128),
+    ] {
+        let store = SqliteOutputStore::open_with(
+            &db,
+            "http://127.0.0.1:8080",
+            StoreOptions::default()
+                .with_chunk_size(chunk)
+                .with_digest(algorithm),
+        )
+        .unwrap();
+        for count in [100, 1_500, 1_600, 12_000, 40_000] {
+            let key = ExportPartKey::output("default", job.clone(), "P", n, 1);
+            n += 1;
+            let mut w = store.open_writer(&key).await.unwrap();
+            let mut data = Vec::new();
+            for (i, line) in lines[..count].iter().enumerate() {
+                w.write_line(line).await.unwrap();
+                data.extend_from_slice(line.as_bytes());
+                data.push(b'\n');
+                if i % 500 == 499 {
+                    // Slower than zstd: the pieces handed off get compressed.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            store.finalize_part(&key, w).await.unwrap();
+            let what = format!("{algorithm}, chunks of {chunk}, {} bytes", data.len());
+            let info = store.part_info(&key).await.unwrap();
+            assert_eq!(info.digest, reference_digest(algorithm, &data), "{what}");
+            assert!(read_all(&store, &key).await.unwrap() == data, "{what}");
+        }
+    }
+    // Every stored frame declares the length its row records.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt = conn.prepare("SELECT raw_len, frame FROM chunks").unwrap();
+    let frames: Vec<(u64, Vec<u8>)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(frames.len() > 20, "{} frames", frames.len());
+    for (raw_len, frame) in &frames {
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(frame).ok(),
+            Some(Some(*raw_len))
+        );
+    }
+    let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.parts_checked, n as u64);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

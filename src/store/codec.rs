@@ -199,6 +199,154 @@ pub(crate) fn compress_now(raw: &[u8], level: i32) -> StorageResult<Vec<u8>> {
     })
 }
 
+/// A chunk's zstd frame compressed a piece at a time, as the writer fills
+/// the chunk, so that little is left to compress when the part is
+/// finalized. The frame is the same kind [`compress`] makes (content
+/// checksum, and its content size in the header, written there when the
+/// frame ends), with a window as large as the store's chunk size, so that
+/// it compresses as well as a chunk compressed whole.
+pub(crate) struct StreamCompressor {
+    level: i32,
+    window_log: u32,
+    ctx: zstd::zstd_safe::CCtx<'static>,
+}
+
+/// Idle [`StreamCompressor`]s, for the next frames: a context's tables and
+/// window cost more to set up than compressing a small piece.
+static STREAMS: Mutex<Vec<StreamCompressor>> = Mutex::new(Vec::new());
+
+/// The window a frame of chunks of `chunk_size` bytes needs: the smallest
+/// power of two that holds a chunk (zstd's minimum is 1 KiB).
+fn window_log(chunk_size: usize) -> u32 {
+    chunk_size
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(10)
+}
+
+impl StreamCompressor {
+    /// A context from the idle ones, or a new one, for frames at zstd
+    /// `level` of chunks of at most `chunk_size` bytes.
+    pub fn take(level: i32, chunk_size: usize) -> StorageResult<StreamCompressor> {
+        let window_log = window_log(chunk_size);
+        let idle = {
+            let mut pool = STREAMS.lock().unwrap_or_else(|p| p.into_inner());
+            let at = pool
+                .iter()
+                .rposition(|s| s.level == level && s.window_log == window_log);
+            at.map(|i| pool.swap_remove(i))
+        };
+        if let Some(s) = idle {
+            return Ok(s);
+        }
+        use zstd::zstd_safe::CParameter;
+        let mut ctx = zstd::zstd_safe::CCtx::create();
+        for p in [
+            CParameter::CompressionLevel(level),
+            CParameter::ChecksumFlag(true),
+            CParameter::WindowLog(window_log),
+        ] {
+            ctx.set_parameter(p).map_err(stream_failed)?;
+        }
+        Ok(StreamCompressor {
+            level,
+            window_log,
+            ctx,
+        })
+    }
+
+    /// Gives the context back for the next frame (dropped if enough are
+    /// idle). Only a context whose frame ended cleanly comes back here.
+    pub fn give_back(self) {
+        let mut pool = STREAMS.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < pooled_buffers() {
+            pool.push(self);
+        }
+    }
+
+    /// Compresses the next piece of the frame, appending what zstd emits to
+    /// `out`.
+    pub fn feed(&mut self, raw: &[u8], out: &mut Vec<u8>) -> StorageResult<()> {
+        let mut input = zstd::zstd_safe::InBuffer::around(raw);
+        while input.pos() < raw.len() {
+            out.reserve(zstd::zstd_safe::compress_bound(raw.len() - input.pos()));
+            let start = out.len();
+            let mut output = zstd::zstd_safe::OutBuffer::around_pos(out, start);
+            self.ctx
+                .compress_stream2(
+                    &mut output,
+                    &mut input,
+                    zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_continue,
+                )
+                .map_err(stream_failed)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the frame of `raw_len` bytes in `out`, writes its content size
+    /// into its header, and readies the context for another frame.
+    pub fn finish(&mut self, out: &mut Vec<u8>, raw_len: u64) -> StorageResult<()> {
+        let mut input = zstd::zstd_safe::InBuffer::around(&[]);
+        loop {
+            out.reserve(1 << 12);
+            let start = out.len();
+            let mut output = zstd::zstd_safe::OutBuffer::around_pos(out, start);
+            let left = self
+                .ctx
+                .compress_stream2(
+                    &mut output,
+                    &mut input,
+                    zstd::zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_end,
+                )
+                .map_err(stream_failed)?;
+            if left == 0 {
+                break;
+            }
+        }
+        self.ctx
+            .reset(zstd::zstd_safe::ResetDirective::SessionOnly)
+            .map_err(stream_failed)?;
+        declare_content_size(out, raw_len)
+    }
+}
+
+fn stream_failed(code: usize) -> StorageError {
+    StorageError::internal(
+        "compress",
+        format!(
+            "zstd compression failed: {}",
+            zstd::zstd_safe::get_error_name(code)
+        ),
+    )
+}
+
+/// Writes `raw_len` into the header of the zstd frame in `frame`, which
+/// was compressed without knowing it (RFC 8878, 3.1.1.1: a frame header of
+/// magic number, descriptor and window descriptor, no dictionary and no
+/// content size). The blocks and the content checksum do not depend on the
+/// header, so the frame stays valid; a decoder then checks that the frame
+/// holds exactly `raw_len` bytes, and readers can size their buffers.
+fn declare_content_size(frame: &mut Vec<u8>, raw_len: u64) -> StorageResult<()> {
+    const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+    let bad = || StorageError::internal("compress", "zstd wrote an unexpected frame header");
+    if frame.len() < 6 || frame[..4] != MAGIC {
+        return Err(bad());
+    }
+    let descriptor = frame[4];
+    // Content size flag 0, single segment 0, no dictionary id: the window
+    // descriptor follows, and nothing else before the first block.
+    if descriptor & 0b1110_0011 != 0 {
+        return Err(bad());
+    }
+    let size = u32::try_from(raw_len).map_err(|_| bad())?;
+    // Content size flag 2: four bytes, little-endian, after the window
+    // descriptor.
+    frame[4] = descriptor | 0b1000_0000;
+    frame.splice(6..6, size.to_le_bytes());
+    Ok(())
+}
+
 /// Decompresses one stored frame that must hold exactly `raw_len` bytes.
 /// A damaged frame, a checksum mismatch or a length mismatch is corrupt.
 // Only the download route (feature `server`) needs it.
@@ -268,6 +416,84 @@ mod tests {
         stream.extend_from_slice(&fb);
         let whole = zstd::stream::decode_all(&stream[..]).unwrap();
         assert_eq!(whole, [a, b].concat());
+    }
+
+    /// NDJSON-like bytes that compress about as real resources do.
+    fn ndjson(len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 200);
+        let mut i = 0u64;
+        while out.len() < len {
+            i += 1;
+            let line = format!(
+                "{{\"resourceType\":\"Observation\",\"id\":\"obs-{i}\",\"valueQuantity\":{{\"value\":{}.{},\"unit\":\"mmHg\"}},\"subject\":{{\"reference\":\"Patient/{}\"}}}}\n",
+                i * 7919 % 211,
+                i % 10,
+                i % 97
+            );
+            out.extend_from_slice(line.as_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn a_frame_compressed_in_pieces_is_a_whole_frame_with_its_size() {
+        let chunk = 1 << 20;
+        for (len, piece) in [
+            (1 << 20, 128 << 10),
+            ((1 << 20) - 1, 128 << 10),
+            (1_000_000, 100_000),
+            (300_000, 1),
+            (128 << 10, 128 << 10),
+            (5, 2),
+        ] {
+            let raw = ndjson(len);
+            let mut ctx = StreamCompressor::take(3, chunk).unwrap();
+            let mut frame = Vec::new();
+            for p in raw
+                .chunks(piece.max(1))
+                .take(if piece == 1 { 3 } else { usize::MAX })
+            {
+                ctx.feed(p, &mut frame).unwrap();
+            }
+            let raw = if piece == 1 { raw[..3].to_vec() } else { raw };
+            ctx.finish(&mut frame, raw.len() as u64).unwrap();
+            ctx.give_back();
+            assert_eq!(
+                zstd::zstd_safe::get_frame_content_size(&frame).ok(),
+                Some(Some(raw.len() as u64)),
+                "{len} in pieces of {piece}"
+            );
+            assert_eq!(decompress(&frame, raw.len()).unwrap(), raw, "{len}/{piece}");
+            // A wrong length is still caught, now by the header too.
+            assert!(decompress(&frame, raw.len() + 1).unwrap_err().is_corrupt());
+            // As small as the same chunk compressed whole (within 1%), and
+            // it concatenates with whole-chunk frames into one stream.
+            let whole = compress(&raw, 3).unwrap();
+            assert!(
+                frame.len() as f64 <= whole.len() as f64 * 1.01 + 16.0,
+                "{len}/{piece}: {} bytes in pieces, {} whole",
+                frame.len(),
+                whole.len()
+            );
+            let stream = [whole.clone(), frame.clone(), whole].concat();
+            let back = zstd::stream::decode_all(&stream[..]).unwrap();
+            assert_eq!(back, [&raw[..], &raw[..], &raw[..]].concat());
+            // Its content checksum is checked.
+            let mut bad = frame.clone();
+            let at = bad.len() - 2;
+            bad[at] ^= 1;
+            assert!(decompress(&bad, raw.len()).unwrap_err().is_corrupt());
+        }
+    }
+
+    #[test]
+    fn a_frame_header_of_another_shape_is_refused_not_rewritten() {
+        // A frame that already declares its size (one-shot compression).
+        let mut whole = compress(b"abc", 3).unwrap();
+        assert!(declare_content_size(&mut whole, 3).is_err());
+        assert!(declare_content_size(&mut b"not zstd".to_vec(), 3).is_err());
+        assert!(declare_content_size(&mut Vec::new(), 0).is_err());
     }
 
     #[test]

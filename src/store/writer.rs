@@ -21,6 +21,20 @@
 //! outcomes without asking to be woken, and is woken only for what it
 //! waits for.
 //!
+//! A producer slower than compression (HFS's export worker serializes each
+//! resource before it writes it) would otherwise leave a whole chunk to
+//! compress when it finalizes, and HFS waits for every finalize. So while
+//! none of a writer's chunks is being compressed, each [`PIECE`] it fills
+//! is handed to a chunk worker at once and compressed into the chunk's
+//! frame as a streamed zstd frame ([`codec::StreamCompressor`]); at
+//! finalize only the last piece is left. The frame is the same as a chunk
+//! compressed whole: one frame per chunk, its content size in its header,
+//! its checksum, a window of the chunk's size (measured: within 1% of its
+//! size). A producer that outpaces compression (a bulk load) keeps the
+//! workers busy with whole chunks instead, which cost less. A part whose
+//! digest hashes whole chunks apart (BLAKE3 with subtree-sized chunks) is
+//! always compressed chunk by chunk.
+//!
 //! Transient trouble (SQLite busy past every retry) is never surfaced from
 //! `poll_write`: it is deferred to shutdown, so that `finalize_part` reports
 //! it as unavailable. A permanent failure (the part was deleted meanwhile, the
@@ -35,6 +49,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -169,6 +184,205 @@ pub(crate) const MAX_QUEUED: usize = 16;
 /// ([`compressor::writer_slots`]).
 type SlotWait = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
+/// Bytes of a chunk handed to the chunk workers at a time while the chunk
+/// fills (zstd's largest block: a piece fills one block, which zstd then
+/// compresses at once). A chunk whose earlier pieces were compressed while
+/// the producer wrote leaves at most this much to compress when the part
+/// is finalized.
+const PIECE: usize = 128 << 10;
+
+/// Idle piece buffers, for the next pieces.
+static PIECES: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// The largest piece buffer worth keeping.
+const PIECE_CAPACITY: usize = 4 * PIECE;
+
+/// A buffer with room for `len` bytes: an idle one, or a new one.
+fn take_piece(len: usize) -> Vec<u8> {
+    let idle = {
+        let mut idle = PIECES.lock().unwrap_or_else(|p| p.into_inner());
+        let at = idle.iter().rposition(|b| b.capacity() >= len);
+        at.map(|i| idle.swap_remove(i))
+    };
+    idle.unwrap_or_else(|| Vec::with_capacity(len.max(2 * PIECE)))
+}
+
+/// Gives a piece's buffer back: a piece buffer to the idle pieces (dropped
+/// when enough are idle), a chunk buffer (a frame's last piece) to the
+/// chunk buffers.
+fn recycle_piece(mut piece: Vec<u8>) {
+    if piece.capacity() > PIECE_CAPACITY {
+        return codec::recycle_buffer(piece);
+    }
+    piece.clear();
+    let mut idle = PIECES.lock().unwrap_or_else(|p| p.into_inner());
+    if idle.len() < 2 * MAX_QUEUED {
+        idle.push(piece);
+    }
+}
+
+/// A chunk whose zstd frame is compressed piece by piece on the chunk
+/// workers while the producer fills it ([`PartSink::hand_off_piece`]). Its
+/// pieces are compressed in the order they were handed off, by one job at
+/// a time; the job that compresses the last one ends the frame and queues
+/// the chunk for the store, as a whole chunk's job does.
+struct OpenFrame {
+    level: i32,
+    chunk_size: usize,
+    state: Mutex<FrameState>,
+}
+
+#[derive(Default)]
+struct FrameState {
+    /// Handed off, not yet compressed.
+    pieces: VecDeque<Vec<u8>>,
+    /// A job is compressing this frame's pieces.
+    busy: bool,
+    ctx: Option<codec::StreamCompressor>,
+    /// The frame so far.
+    out: Vec<u8>,
+    /// Bytes compressed into it so far.
+    raw_len: u64,
+    /// Set once the last piece is handed off.
+    end: Option<FrameEnd>,
+    /// The first failure; the chunk then fails.
+    failed: Option<StorageError>,
+}
+
+/// Where a finished frame goes.
+struct FrameEnd {
+    db: Arc<Db>,
+    runtime: Handle,
+    part_id: i64,
+    seq: u64,
+    raw_offset: u64,
+    done: oneshot::Sender<Compressed>,
+}
+
+impl OpenFrame {
+    fn new(level: i32, chunk_size: usize) -> Arc<OpenFrame> {
+        Arc::new(OpenFrame {
+            level,
+            chunk_size,
+            state: Mutex::new(FrameState::default()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FrameState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A chunk worker's job: compresses every piece handed off so far, in
+    /// order, unless another job already does; ends the frame once the last
+    /// piece is in. The lock is never held while compressing.
+    fn compress_pieces(self: Arc<Self>) {
+        {
+            let mut st = self.state();
+            if st.busy {
+                return;
+            }
+            st.busy = true;
+        }
+        loop {
+            let (piece, ctx, mut out) = {
+                let mut st = self.state();
+                match st.pieces.pop_front() {
+                    Some(piece) if st.failed.is_some() => {
+                        recycle_piece(piece);
+                        continue;
+                    }
+                    Some(piece) => (piece, st.ctx.take(), std::mem::take(&mut st.out)),
+                    None => {
+                        st.busy = false;
+                        match st.end.take() {
+                            Some(end) => {
+                                let st = std::mem::take(&mut *st);
+                                return self.end(st, end);
+                            }
+                            None => return,
+                        }
+                    }
+                }
+            };
+            let len = piece.len() as u64;
+            let fed = catch_unwind(AssertUnwindSafe(|| {
+                let mut ctx = match ctx {
+                    Some(ctx) => ctx,
+                    None => codec::StreamCompressor::take(self.level, self.chunk_size)?,
+                };
+                ctx.feed(&piece, &mut out).map(|()| ctx)
+            }))
+            .unwrap_or_else(|_| {
+                Err(StorageError::internal(
+                    "write",
+                    "compressing a chunk panicked",
+                ))
+            });
+            recycle_piece(piece);
+            let mut st = self.state();
+            match fed {
+                Ok(ctx) if st.failed.is_none() => {
+                    st.ctx = Some(ctx);
+                    st.out = out;
+                    st.raw_len += len;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    st.failed.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    /// Ends the frame and queues the chunk for the store.
+    fn end(&self, st: FrameState, end: FrameEnd) {
+        let FrameState {
+            ctx,
+            mut out,
+            raw_len,
+            failed,
+            ..
+        } = st;
+        let framed = match (failed, ctx) {
+            (Some(e), _) => Err(e),
+            (None, None) => Err(StorageError::internal(
+                "write",
+                "a chunk's frame was never started",
+            )),
+            (None, Some(mut ctx)) => catch_unwind(AssertUnwindSafe(|| {
+                ctx.finish(&mut out, raw_len).map(|()| ctx)
+            }))
+            .unwrap_or_else(|_| {
+                Err(StorageError::internal(
+                    "write",
+                    "compressing a chunk panicked",
+                ))
+            })
+            .map(|ctx| ctx.give_back()),
+        };
+        let queued = framed.and_then(|()| {
+            let n = out.len() as u64;
+            end.db
+                .queue_chunk(
+                    ChunkInsertArgs {
+                        part_id: end.part_id,
+                        seq: end.seq,
+                        raw_offset: end.raw_offset,
+                        raw_len,
+                        frame: out,
+                    },
+                    &end.runtime,
+                )
+                .map(|ack| (n, ack))
+        });
+        let _ = end.done.send(Compressed {
+            queued,
+            len: raw_len,
+            hash: ChunkHash::default(),
+        });
+    }
+}
+
 /// Settings a sink needs from the store.
 pub(crate) struct SinkConfig {
     pub chunk_size: usize,
@@ -186,6 +400,16 @@ pub(crate) struct PartSink {
     part: String,
     cfg: SinkConfig,
     buf: Vec<u8>,
+    /// Whether chunks are compressed piece by piece as they fill
+    /// ([`PIECE`]): always, unless the part's digest hashes whole chunks
+    /// apart (BLAKE3 with subtree-sized chunks) or a chunk is no larger
+    /// than a piece.
+    streams: bool,
+    /// The current chunk's frame, once a piece of it was handed off.
+    frame: Option<Arc<OpenFrame>>,
+    /// Bytes of the current chunk handed off in pieces (`buf` holds the
+    /// rest).
+    chunk_fill: usize,
     next_seq: u64,
     dispatched_bytes: u64,
     accepted: u64,
@@ -221,6 +445,11 @@ impl PartSink {
             part: key.display().to_string(),
             buf: codec::take_buffer(cfg.chunk_size),
             hasher: PartHasher::new(cfg.digest),
+            streams: cfg.chunk_size > PIECE
+                && !(cfg.digest == DigestAlgorithm::Blake3
+                    && digest::tree_compatible(cfg.chunk_size)),
+            frame: None,
+            chunk_fill: 0,
             cfg,
             next_seq: 0,
             dispatched_bytes: 0,
@@ -260,8 +489,85 @@ impl PartSink {
         })
     }
 
-    /// Sends the buffered bytes off as the next chunk, in `slot`.
+    /// Bytes of the current chunk so far.
+    fn chunk_len(&self) -> usize {
+        self.chunk_fill + self.buf.len()
+    }
+
+    /// Hashes `bytes` into the part's digest in content order. Hashing in
+    /// order cannot fail; were it to, the writer fails rather than record
+    /// a wrong digest.
+    fn hash_in_order(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.hasher.push(bytes, ChunkHash::default()) {
+            self.failed
+                .get_or_insert((e.kind(), e.message().to_string()));
+        }
+    }
+
+    /// Hands the buffered bytes to the chunk workers as the next piece of
+    /// the current chunk's frame, if a chunk slot is free at once (pieces
+    /// need not be of one size: a chunk's first piece may be larger):
+    /// compression then goes on while the producer writes, and finalizing
+    /// a part has only its last piece left to compress. Without a free slot
+    /// the bytes stay buffered for the next piece (or the whole chunk).
+    fn hand_off_piece(&mut self) {
+        let Ok(slot) = compressor::writer_slots().clone().try_acquire_owned() else {
+            return;
+        };
+        let mut piece = take_piece(self.buf.len());
+        piece.extend_from_slice(&self.buf);
+        self.buf.clear();
+        self.hash_in_order(&piece);
+        self.chunk_fill += piece.len();
+        let (level, chunk_size) = (self.cfg.level, self.cfg.chunk_size);
+        let frame = self
+            .frame
+            .get_or_insert_with(|| OpenFrame::new(level, chunk_size))
+            .clone();
+        frame.state().pieces.push_back(piece);
+        let job = move || {
+            frame.compress_pieces();
+            drop(slot);
+        };
+        compressor::submit(Box::new(job), &self.runtime);
+    }
+
+    /// Sends the buffered bytes off as the end of the current chunk, in
+    /// `slot`: the last piece of its frame if pieces of it were handed off,
+    /// else the whole chunk.
     fn dispatch(&mut self, slot: OwnedSemaphorePermit) {
+        let Some(frame) = self.frame.take() else {
+            return self.dispatch_chunk(slot);
+        };
+        let last = std::mem::replace(&mut self.buf, codec::take_buffer(self.cfg.chunk_size));
+        self.hash_in_order(&last);
+        let raw_offset = self.dispatched_bytes;
+        self.dispatched_bytes += (self.chunk_fill + last.len()) as u64;
+        self.chunk_fill = 0;
+        let (done, task) = oneshot::channel();
+        {
+            let mut st = frame.state();
+            st.pieces.push_back(last);
+            st.end = Some(FrameEnd {
+                db: self.db.clone(),
+                runtime: self.runtime.clone(),
+                part_id: self.part_id,
+                seq: self.next_seq,
+                raw_offset,
+                done,
+            });
+        }
+        self.next_seq += 1;
+        let job = move || {
+            frame.compress_pieces();
+            drop(slot);
+        };
+        compressor::submit(Box::new(job), &self.runtime);
+        self.in_flight.push_back(task);
+    }
+
+    /// Sends the buffered bytes off as one whole chunk, in `slot`.
+    fn dispatch_chunk(&mut self, slot: OwnedSemaphorePermit) {
         let raw = std::mem::replace(&mut self.buf, codec::take_buffer(self.cfg.chunk_size));
         let args = (self.part_id, self.next_seq, self.dispatched_bytes);
         self.next_seq += 1;
@@ -279,12 +585,7 @@ impl PartSink {
         let apart = digest::tree_compatible(self.cfg.chunk_size)
             && digest::hashes_apart(algorithm, args.2, raw.len());
         if !apart {
-            // Hashing in order cannot fail; were it to, the writer fails
-            // rather than record a wrong digest.
-            if let Err(e) = self.hasher.push(&raw, ChunkHash::default()) {
-                self.failed
-                    .get_or_insert((e.kind(), e.message().to_string()));
-            }
+            self.hash_in_order(&raw);
         }
         let runtime = self.runtime.clone();
         let (done, task) = oneshot::channel();
@@ -512,14 +813,26 @@ impl AsyncWrite for PartSink {
         // Finished chunks are collected only when another is dispatched:
         // looking at the tasks on every small write (a line, a newline)
         // cost more than copying the bytes.
-        if this.buf.len() == this.cfg.chunk_size {
+        if this.chunk_len() == this.cfg.chunk_size {
             ready!(this.poll_dispatch(cx))?;
         }
-        let n = data.len().min(this.cfg.chunk_size - this.buf.len());
+        let n = data.len().min(this.cfg.chunk_size - this.chunk_len());
         this.buf.extend_from_slice(&data[..n]);
         this.accepted += n as u64;
-        if this.buf.len() == this.cfg.chunk_size {
+        if this.chunk_len() == this.cfg.chunk_size {
             this.dispatch_now();
+        } else if this.streams
+            && this.buf.len() >= PIECE
+            && this.collect().is_ok()
+            && this.in_flight.is_empty()
+        {
+            // Only while none of this writer's chunks is being compressed:
+            // a producer that outpaces compression (a bulk load) keeps
+            // every worker busy with whole chunks, which costs less than
+            // pieces; one that writes slower than zstd compresses (HFS's
+            // export worker, serializing each resource) gets its chunk
+            // compressed as it goes.
+            this.hand_off_piece();
         }
         Poll::Ready(Ok(n))
     }
@@ -547,7 +860,7 @@ impl AsyncWrite for PartSink {
         if this.shut {
             return Poll::Ready(Ok(()));
         }
-        if !this.buf.is_empty() && this.deferred.is_none() {
+        if (!this.buf.is_empty() || this.frame.is_some()) && this.deferred.is_none() {
             ready!(this.poll_dispatch(cx))?;
         }
         ready!(this.poll_drain(cx))?;

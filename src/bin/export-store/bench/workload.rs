@@ -521,6 +521,85 @@ pub async fn write_part(
     Ok(())
 }
 
+/// How long writing one part took, and where its finalize went.
+#[derive(Debug, Clone, Copy)]
+pub struct PartTimes {
+    /// `open_writer` to `finalize_part` returned.
+    pub total: Duration,
+    /// The last line written to `finalize_part` returned: what a producer
+    /// that finalizes each part before it reads the next (HFS's export
+    /// worker) waits for.
+    pub finalize: Duration,
+    /// Of `finalize`: the writer's shutdown (for the store: the open chunk's
+    /// last piece compressed and hashed, the chunk handed to the writer
+    /// thread and stored; for local files: the last bytes written).
+    pub seal: Duration,
+}
+
+/// How a timed writer produces its lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Producer {
+    /// As fast as `write_line` takes them.
+    Flat,
+    /// Each resource parsed and serialized again before it is written, as
+    /// HFS's export worker serializes every resource it read from its
+    /// database: the store's work then overlaps the producer's, as it does
+    /// in HFS.
+    Serializing,
+}
+
+/// [`write_part`], timed: the writer is shut down before `finalize_part`,
+/// as `finalize_part` would do first, so that its two steps are timed
+/// apart.
+pub async fn write_part_timed(
+    store: &dyn ExportOutputStore,
+    key: &ExportPartKey,
+    part: &Part,
+    producer: Producer,
+) -> BenchResult<PartTimes> {
+    use tokio::io::AsyncWriteExt;
+    let start = Instant::now();
+    let mut w = store.open_writer(key).await?;
+    for line in part.lines() {
+        match producer {
+            Producer::Flat => w.write_line(line).await?,
+            Producer::Serializing => {
+                let resource: serde_json::Value = serde_json::from_str(line)?;
+                w.write_line(&serde_json::to_string(&resource)?).await?
+            }
+        }
+    }
+    let written = Instant::now();
+    w.writer.shutdown().await?;
+    let sealed = Instant::now();
+    store.finalize_part(key, w).await?;
+    let done = Instant::now();
+    Ok(PartTimes {
+        total: done - start,
+        finalize: done - written,
+        seal: sealed - written,
+    })
+}
+
+/// What one `fsync` of a file just appended `bytes` costs in `dir`, `n`
+/// times: the floor of a durable commit that appended as much to SQLite's
+/// log (SQLite syncs its log with `fsync`, and the log grows).
+pub fn fsync_times(dir: &Path, bytes: usize, n: usize) -> BenchResult<Vec<Duration>> {
+    use std::io::Write;
+    let file = tempfile::tempfile_in(dir)?;
+    let mut f = std::io::BufWriter::new(file);
+    let data = vec![b'x'; bytes];
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        f.write_all(&data)?;
+        f.flush()?;
+        let t = Instant::now();
+        f.get_ref().sync_all()?;
+        times.push(t.elapsed());
+    }
+    Ok(times)
+}
+
 /// Reads the part under `key` to its end through a [`READ_BUFFER`]; returns
 /// the bytes read.
 pub async fn read_part(
