@@ -38,8 +38,8 @@ mod workload;
 
 use workload::{
     codec_parallel, codec_run, delete_job, discard, fill_job, hfs_parts, key, read_part, settle,
-    write_concurrently, write_part, write_part_timed, Contenders, Corpus, Producer, Which,
-    HFS_BATCH, READ_BUFFER,
+    write_concurrently, write_part, write_part_timed, Contenders, Corpus, PartTimes, Producer,
+    Which, HFS_BATCH, READ_BUFFER,
 };
 
 const MIB: u64 = 1 << 20;
@@ -204,39 +204,27 @@ fn read_one_part(c: &mut Criterion) {
 }
 
 fn hfs_small_part(c: &mut Criterion) {
-    let rt = runtime();
-    let stores = contenders();
-    let corpus = corpora().remove(0);
-    let parts = hfs_parts(&corpus, 64, HFS_BATCH);
-    let mut g = c.benchmark_group("hfs_small_part");
-    g.measurement_time(Duration::from_secs(3));
-    for w in [Which::Store, Which::FsSync, Which::Fs] {
-        let (stores, parts) = (&stores, &parts);
-        g.bench_function(format!("1000-resources/{}", label(w)), |b| {
-            b.to_async(&rt).iter_custom(|iters| async move {
-                let job = ExportJobId::new();
-                let mut spent = Duration::ZERO;
-                for i in 0..iters {
-                    let p = &parts[i as usize % parts.len()];
-                    let t = Instant::now();
-                    write_part(stores.get(w), &key(&job, i as u32), p)
-                        .await
-                        .unwrap();
-                    spent += t.elapsed();
-                }
-                spent
-            })
-        });
-    }
-    g.finish();
+    per_hfs_part(c, "hfs_small_part", Producer::Flat, |t| t.total);
 }
 
 fn hfs_finalize(c: &mut Criterion) {
+    per_hfs_part(c, "hfs_finalize", Producer::Serializing, |t| t.finalize);
+}
+
+/// One HFS-sized part (1,000 resources) per iteration in each store, so
+/// that criterion's distribution is the latency distribution; `counted`
+/// picks what of each part's times is measured.
+fn per_hfs_part(
+    c: &mut Criterion,
+    group: &str,
+    producer: Producer,
+    counted: fn(PartTimes) -> Duration,
+) {
     let rt = runtime();
     let stores = contenders();
     let corpus = corpora().remove(0);
     let parts = hfs_parts(&corpus, 64, HFS_BATCH);
-    let mut g = c.benchmark_group("hfs_finalize");
+    let mut g = c.benchmark_group(group);
     g.measurement_time(Duration::from_secs(3));
     for w in [Which::Store, Which::FsSync, Which::Fs] {
         let (stores, parts) = (&stores, &parts);
@@ -247,10 +235,10 @@ fn hfs_finalize(c: &mut Criterion) {
                 for i in 0..iters {
                     let p = &parts[i as usize % parts.len()];
                     let k = key(&job, i as u32);
-                    let t = write_part_timed(stores.get(w), &k, p, Producer::Serializing)
+                    let t = write_part_timed(stores.get(w), &k, p, producer)
                         .await
                         .unwrap();
-                    spent += t.finalize;
+                    spent += counted(t);
                 }
                 spent
             })

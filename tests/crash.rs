@@ -43,30 +43,6 @@ fn options() -> StoreOptions {
     StoreOptions::default().with_chunk_size(2048)
 }
 
-fn enc(k: &ExportPartKey) -> String {
-    format!(
-        "{}|{}|{}|{}|{}|{}",
-        k.tenant_id,
-        k.job_id.as_str(),
-        k.file_type,
-        k.resource_type,
-        k.part_index,
-        k.fencing_token
-    )
-}
-
-fn dec(s: &str) -> ExportPartKey {
-    let f: Vec<&str> = s.split('|').collect();
-    ExportPartKey {
-        tenant_id: f[0].into(),
-        job_id: ExportJobId::from(f[1]),
-        file_type: f[2].into(),
-        resource_type: f[3].into(),
-        part_index: f[4].parse().unwrap(),
-        fencing_token: f[5].parse().unwrap(),
-    }
-}
-
 // ---------------------------------------------------------------- the child
 
 /// The child's side: runs the workload, appending one line per completed
@@ -103,13 +79,21 @@ fn child_main() -> ! {
                 let k = key(TENANT, &keep, "Encounter", i, 1);
                 let f = write_part(&store, &k).await.unwrap();
                 assert_eq!(f.size_bytes, content(&k).len() as u64);
-                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
+                say(format!(
+                    "fin {} {}",
+                    faultkit::encode_key(&k),
+                    digest_hex(&content(&k))
+                ));
             }
             // A job that is deleted.
             for i in 0..2 {
                 let k = key(TENANT, &doomed, "Encounter", i, 1);
                 write_part(&store, &k).await.unwrap();
-                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
+                say(format!(
+                    "fin {} {}",
+                    faultkit::encode_key(&k),
+                    digest_hex(&content(&k))
+                ));
             }
             say(format!("deleting {doomed}"));
             store
@@ -128,14 +112,18 @@ fn child_main() -> ! {
             w.flush().await.unwrap();
             std::mem::forget(w);
             std::mem::forget(other);
-            say(format!("abandoned {}", enc(&k)));
+            say(format!("abandoned {}", faultkit::encode_key(&k)));
             let n = store.reclaim_abandoned(Duration::ZERO).await.unwrap();
             say(format!("reclaimed {n}"));
             // The job is claimed again under token 2; the old parts are pruned.
             for i in 0..2 {
                 let k = key(TENANT, &keep, "Encounter", i, 2);
                 write_part(&store, &k).await.unwrap();
-                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
+                say(format!(
+                    "fin {} {}",
+                    faultkit::encode_key(&k),
+                    digest_hex(&content(&k))
+                ));
             }
             say(format!("pruning {keep}"));
             let n = store
@@ -150,7 +138,11 @@ fn child_main() -> ! {
             for i in 0..2 {
                 let k = key(&gone, &keep, "Patient", i, 1);
                 write_part(&store, &k).await.unwrap();
-                say(format!("fin {} {}", enc(&k), digest_hex(&content(&k))));
+                say(format!(
+                    "fin {} {}",
+                    faultkit::encode_key(&k),
+                    digest_hex(&content(&k))
+                ));
             }
             say(format!("purging {gone}"));
             store.delete_tenant_outputs(&gone).await.unwrap();
@@ -344,7 +336,11 @@ async fn check_after_death(db: &Path, told: &Told, what: &str) -> usize {
     assert_eq!(faultkit::integrity_check(db), "ok", "{what}");
     let store = SqliteOutputStore::open_with(db, "http://hfs.test", options()).unwrap();
     let rows = faultkit::part_rows(db);
-    let finished: BTreeSet<String> = rows.iter().filter(|r| r.1).map(|r| enc(&r.0)).collect();
+    let finished: BTreeSet<String> = rows
+        .iter()
+        .filter(|r| r.1)
+        .map(|r| faultkit::encode_key(&r.0))
+        .collect();
 
     // Every finished part in the file holds exactly what was written.
     for (k, done) in &rows {
@@ -355,7 +351,7 @@ async fn check_after_death(db: &Path, told: &Told, what: &str) -> usize {
             assert!(
                 bytes == content(k),
                 "{what}: {} reads back wrong bytes",
-                enc(k)
+                faultkit::encode_key(k)
             );
         }
     }
@@ -363,15 +359,17 @@ async fn check_after_death(db: &Path, told: &Told, what: &str) -> usize {
     let mut read_back = 0;
     let mut groups: BTreeMap<String, Vec<bool>> = BTreeMap::new();
     for (encoded, digest) in &told.finalized {
-        let k = dec(encoded);
+        let k = faultkit::decode_key(encoded);
         let job = k.job_id.as_str().to_string();
         let superseded = k.fencing_token == 1
             && k.resource_type == "Encounter"
             && k.part_index < 2
-            && told.finalized.contains_key(&enc(&ExportPartKey {
-                fencing_token: 2,
-                ..k.clone()
-            }));
+            && told
+                .finalized
+                .contains_key(&faultkit::encode_key(&ExportPartKey {
+                    fencing_token: 2,
+                    ..k.clone()
+                }));
         let cover = if told.started.contains(&k.tenant_id) {
             Some(k.tenant_id.clone())
         } else if job.ends_with("-doomed") && told.started.contains(&job) {
@@ -411,14 +409,14 @@ async fn check_after_death(db: &Path, told: &Told, what: &str) -> usize {
     // No staged part is readable; a new writer on its key works.
     let mut retried = 0;
     for (k, done) in &rows {
-        if *done || finished.contains(&enc(k)) {
+        if *done || finished.contains(&faultkit::encode_key(k)) {
             continue;
         }
         let e = read_part(&store, k).await.unwrap_err();
         assert!(
             e.is_not_found(),
             "{what}: staged {} is readable: {e}",
-            enc(k)
+            faultkit::encode_key(k)
         );
         if retried < 2 {
             match write_part(&store, k).await {
@@ -426,7 +424,11 @@ async fn check_after_death(db: &Path, told: &Told, what: &str) -> usize {
                     assert!(read_part(&store, k).await.unwrap() == content(k));
                     retried += 1;
                 }
-                Err(e) => assert!(e.is_conflict(), "{what}: retry of {}: {e}", enc(k)),
+                Err(e) => assert!(
+                    e.is_conflict(),
+                    "{what}: retry of {}: {e}",
+                    faultkit::encode_key(k)
+                ),
             }
         }
     }

@@ -47,8 +47,7 @@ use std::time::{Duration, Instant};
 use faultkit::{content, digest_hex, key, read_part, write_part, Rng};
 use lossyfs::{LossyFs, Options};
 use sqlite_export_store::{
-    ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions, TenantContext,
-    TenantId,
+    ExportJobId, ExportOutputStore, SqliteOutputStore, StoreOptions, TenantContext, TenantId,
 };
 
 const CHILD: &str = "EXPORT_STORE_POWERCUT_CHILD";
@@ -65,30 +64,6 @@ const WRITERS: u32 = 3;
 fn options() -> StoreOptions {
     // Small chunks: a few KiB of NDJSON make many chunk rows and batches.
     StoreOptions::default().with_chunk_size(2048)
-}
-
-fn enc(k: &ExportPartKey) -> String {
-    format!(
-        "{}|{}|{}|{}|{}|{}",
-        k.tenant_id,
-        k.job_id.as_str(),
-        k.file_type,
-        k.resource_type,
-        k.part_index,
-        k.fencing_token
-    )
-}
-
-fn dec(s: &str) -> ExportPartKey {
-    let f: Vec<&str> = s.split('|').collect();
-    ExportPartKey {
-        tenant_id: f[0].into(),
-        job_id: ExportJobId::from(f[1]),
-        file_type: f[2].into(),
-        resource_type: f[3].into(),
-        part_index: f[4].parse().unwrap(),
-        fencing_token: f[5].parse().unwrap(),
-    }
 }
 
 // ---------------------------------------------------------------- the child
@@ -142,7 +117,11 @@ fn child_main() -> ! {
             write_part(&store, &k)
                 .await
                 .map_err(|e| format!("finalize: {e}"))?;
-            say.line(format!("w0 fin {} {}", enc(&k), digest_hex(&content(&k))));
+            say.line(format!(
+                "w0 fin {} {}",
+                faultkit::encode_key(&k),
+                digest_hex(&content(&k))
+            ));
             say.line("done".into());
             std::future::pending::<()>().await;
         }
@@ -203,22 +182,32 @@ async fn worker(
     for i in 0u32.. {
         let _working = gate.read().await;
         let k = key(TENANT, &keep, "Encounter", i, 1);
-        say.line(format!("w{w} writing {}", enc(&k)));
+        say.line(format!("w{w} writing {}", faultkit::encode_key(&k)));
         match write_part(store, &k).await {
-            Ok(_) => say.line(format!("w{w} fin {} {}", enc(&k), digest_hex(&content(&k)))),
+            Ok(_) => say.line(format!(
+                "w{w} fin {} {}",
+                faultkit::encode_key(&k),
+                digest_hex(&content(&k))
+            )),
             // Reclaimed by another worker's reclaim: not an error of the store.
-            Err(e) if e.is_not_found() => say.line(format!("w{w} reclaimed-under {}", enc(&k))),
-            Err(e) => return Err(format!("w{w} finalize {}: {e}", enc(&k))),
+            Err(e) if e.is_not_found() => {
+                say.line(format!("w{w} reclaimed-under {}", faultkit::encode_key(&k)))
+            }
+            Err(e) => return Err(format!("w{w} finalize {}: {e}", faultkit::encode_key(&k))),
         }
         if i % 4 == 3 {
             let doomed = format!("r{run}-w{w}-doomed{i}");
             for j in 0..2 {
                 let k = key(TENANT, &doomed, "Observation", j, 1);
-                say.line(format!("w{w} writing {}", enc(&k)));
+                say.line(format!("w{w} writing {}", faultkit::encode_key(&k)));
                 write_part(store, &k)
                     .await
-                    .map_err(|e| format!("w{w} finalize {}: {e}", enc(&k)))?;
-                say.line(format!("w{w} fin {} {}", enc(&k), digest_hex(&content(&k))));
+                    .map_err(|e| format!("w{w} finalize {}: {e}", faultkit::encode_key(&k)))?;
+                say.line(format!(
+                    "w{w} fin {} {}",
+                    faultkit::encode_key(&k),
+                    digest_hex(&content(&k))
+                ));
             }
             say.line(format!("w{w} deleting {doomed}"));
             store
@@ -248,7 +237,7 @@ async fn worker(
             wr.flush().await.map_err(|e| format!("w{w} flush: {e}"))?;
             std::mem::forget(wr);
             std::mem::forget(other);
-            say.line(format!("w{w} abandoned {}", enc(&k)));
+            say.line(format!("w{w} abandoned {}", faultkit::encode_key(&k)));
             tokio::time::sleep(Duration::from_millis(300)).await;
             say.line(format!("w{w} reclaiming"));
             let n = store
@@ -504,7 +493,11 @@ async fn check_after_cut(
     let store = SqliteOutputStore::open_with(db, "http://hfs.test", options())
         .unwrap_or_else(|e| panic!("{what}: the store does not open: {e}"));
     let rows = faultkit::part_rows(db);
-    let finished: BTreeSet<String> = rows.iter().filter(|r| r.1).map(|r| enc(&r.0)).collect();
+    let finished: BTreeSet<String> = rows
+        .iter()
+        .filter(|r| r.1)
+        .map(|r| faultkit::encode_key(&r.0))
+        .collect();
 
     // Parts finalized before earlier cuts are all still there (`verify`
     // below reads every finished part's chunks against its digest).
@@ -517,7 +510,7 @@ async fn check_after_cut(
     let mut read_back = 0;
     let mut groups: BTreeMap<String, Vec<bool>> = BTreeMap::new();
     for (encoded, digest) in &told.finalized {
-        let k = dec(encoded);
+        let k = faultkit::decode_key(encoded);
         let job = k.job_id.as_str().to_string();
         let present = finished.contains(encoded);
         if told.deleting.contains_key(&job) {
@@ -554,7 +547,7 @@ async fn check_after_cut(
     // finalize returned just before the cut, or was still returning) hold
     // exactly what was written; no staged part is readable.
     for (k, done) in &rows {
-        let encoded = enc(k);
+        let encoded = faultkit::encode_key(k);
         if *done && !told.finalized.contains_key(&encoded) && !durable.contains_key(&encoded) {
             let bytes = read_part(&store, k)
                 .await
@@ -586,7 +579,7 @@ async fn check_after_cut(
     // What is durable now: the finished parts of jobs no delete touched.
     for (k, done) in &rows {
         if *done && !told.deleting.contains_key(k.job_id.as_str()) {
-            durable.insert(enc(k), String::new());
+            durable.insert(faultkit::encode_key(k), String::new());
         }
     }
     read_back

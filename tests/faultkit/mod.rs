@@ -284,3 +284,30 @@ pub fn with_triggers_lifted(db: &Path, damage: impl FnOnce(&rusqlite::Connection
         c.execute_batch(sql).unwrap();
     }
 }
+
+/// A key as one line of a child's report: its six fields joined by `|`
+/// (test ids never hold one).
+pub fn encode_key(k: &ExportPartKey) -> String {
+    format!(
+        "{}|{}|{}|{}|{}|{}",
+        k.tenant_id,
+        k.job_id.as_str(),
+        k.file_type,
+        k.resource_type,
+        k.part_index,
+        k.fencing_token
+    )
+}
+
+/// The key [`encode_key`] wrote.
+pub fn decode_key(s: &str) -> ExportPartKey {
+    let f: Vec<&str> = s.split('|').collect();
+    ExportPartKey {
+        tenant_id: f[0].into(),
+        job_id: ExportJobId::from(f[1]),
+        file_type: f[2].into(),
+        resource_type: f[3].into(),
+        part_index: f[4].parse().unwrap(),
+        fencing_token: f[5].parse().unwrap(),
+    }
+}
