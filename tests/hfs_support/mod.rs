@@ -90,6 +90,8 @@ pub struct HfsOptions {
     pub metrics: bool,
     /// `--digest`, when set.
     pub digest: Option<&'static str>,
+    /// `--output`, when set (`sqlite` or `local-fs`).
+    pub output: Option<&'static str>,
 }
 
 impl HfsOptions {
@@ -107,6 +109,10 @@ impl HfsOptions {
     }
     pub fn digest(mut self, name: &'static str) -> Self {
         self.digest = Some(name);
+        self
+    }
+    pub fn output(mut self, name: &'static str) -> Self {
+        self.output = Some(name);
         self
     }
 }
@@ -173,6 +179,13 @@ impl Hfs {
         hfs
     }
 
+    /// Starts the binary on `data_dir`, which may hold what an earlier
+    /// server left, with its log in `root`; neither is removed with the
+    /// handle.
+    pub fn start_in(root: &Path, data_dir: &Path, options: HfsOptions) -> Hfs {
+        Hfs::spawn(root, data_dir, options)
+    }
+
     /// Starts the binary again on this one's data folder and output
     /// database (this one must have stopped: killed or shut down).
     pub fn restart(&mut self) -> Hfs {
@@ -204,6 +217,9 @@ impl Hfs {
         }
         if let Some(d) = options.digest {
             args.extend(["--digest".into(), d.into()]);
+        }
+        if let Some(o) = options.output {
+            args.extend(["--output".into(), o.into()]);
         }
         let mut cmd = if options.outlive_handle {
             let mut c = Command::new("sh");

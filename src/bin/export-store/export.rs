@@ -4,15 +4,17 @@
 //! (helios-persistence 0.2.7, `backends/local_fs`).
 //!
 //! Each file is written to `….ndjson.tmp` beside it (HFS's own staging
-//! name), fsynced, renamed into place, and its folder fsynced: a crash
-//! leaves either the whole file or none under its name. Every token of a
-//! slot is exported (each has its own file name). A part whose tenant or
-//! job id is not one plain path component (HFS keeps a tenant's parts in a
-//! folder of that name) or whose resource type holds a path separator is
-//! refused and named; a part that cannot be read (damaged) or written is
-//! named with its error; the others go on. An existing file of the
-//! part's size is taken as exported and left alone (`--force` rewrites
-//! it); one of another size is replaced.
+//! name), fsynced, renamed into place, and its folder fsynced; every folder
+//! made (DIR and its missing parents included) has its entry fsynced in
+//! the folder above it. A crash or power cut leaves either the whole file
+//! or none under its name, and once `export` exited 0 every file is on
+//! disk. Every token of a slot is exported (each has its own file name).
+//! A part whose tenant or job id is not one plain path component (HFS
+//! keeps a tenant's parts in a folder of that name) or whose resource type
+//! holds a path separator is refused and named; a part that cannot be read
+//! (damaged) or written is named with its error; the others go on. An
+//! existing file of the part's size is taken as exported and left alone
+//! (`--force` rewrites it); one of another size is replaced.
 //!
 //! Exit status: 0 every part exported (or already there), 1 the store
 //! could not be read or DIR not made, 2 a bad argument, 3 some parts failed
@@ -77,8 +79,7 @@ pub fn run(args: Args) -> Result<ExitCode, Failure> {
         Ok(selected) => selected,
         Err(code) => return Ok(code),
     };
-    std::fs::create_dir_all(&args.to)
-        .map_err(|e| format!("cannot make {}: {e}", args.to.display()))?;
+    make_root(&args.to)?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(parts.iter().map(|p| p.byte_count).sum());
         bar.set_style(
@@ -167,6 +168,30 @@ impl Folders {
         self.0.insert(dir.clone());
         Ok(dir)
     }
+}
+
+/// Makes `root` and its missing parents, fsyncing the folder that gained
+/// each new entry: without it, the files synced below a folder made here
+/// are lost with the folder's own entry at a power cut.
+fn make_root(root: &Path) -> Result<(), String> {
+    let mut missing = Vec::new();
+    let mut dir = root;
+    while !dir.is_dir() {
+        missing.push(dir);
+        match dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => dir = parent,
+            _ => break,
+        }
+    }
+    std::fs::create_dir_all(root).map_err(|e| format!("cannot make {}: {e}", root.display()))?;
+    for made in missing.iter().rev() {
+        match made.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            Some(_) => sync_dir(Path::new("."))?,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), String> {
