@@ -312,12 +312,7 @@ impl OpenFrame {
                 };
                 ctx.feed(&piece, &mut out).map(|()| ctx)
             }))
-            .unwrap_or_else(|_| {
-                Err(StorageError::internal(
-                    "write",
-                    "compressing a chunk panicked",
-                ))
-            });
+            .unwrap_or_else(|_| Err(compress_panicked()));
             recycle_piece(piece);
             let mut st = self.state();
             match fed {
@@ -352,28 +347,21 @@ impl OpenFrame {
             (None, Some(mut ctx)) => catch_unwind(AssertUnwindSafe(|| {
                 ctx.finish(&mut out, raw_len).map(|()| ctx)
             }))
-            .unwrap_or_else(|_| {
-                Err(StorageError::internal(
-                    "write",
-                    "compressing a chunk panicked",
-                ))
-            })
+            .unwrap_or_else(|_| Err(compress_panicked()))
             .map(|ctx| ctx.give_back()),
         };
         let queued = framed.and_then(|()| {
-            let n = out.len() as u64;
-            end.db
-                .queue_chunk(
-                    ChunkInsertArgs {
-                        part_id: end.part_id,
-                        seq: end.seq,
-                        raw_offset: end.raw_offset,
-                        raw_len,
-                        frame: out,
-                    },
-                    &end.runtime,
-                )
-                .map(|ack| (n, ack))
+            queue_frame(
+                &end.db,
+                &end.runtime,
+                ChunkInsertArgs {
+                    part_id: end.part_id,
+                    seq: end.seq,
+                    raw_offset: end.raw_offset,
+                    raw_len,
+                    frame: out,
+                },
+            )
         });
         let _ = end.done.send(Compressed {
             queued,
@@ -381,6 +369,18 @@ impl OpenFrame {
             hash: ChunkHash::default(),
         });
     }
+}
+
+/// The error of a chunk whose compression panicked.
+fn compress_panicked() -> StorageError {
+    StorageError::internal("write", "compressing a chunk panicked")
+}
+
+/// Queues a compressed chunk for the store's writer thread: its frame's
+/// size and where the outcome of storing it will arrive.
+fn queue_frame(db: &Db, runtime: &Handle, insert: ChunkInsertArgs) -> StorageResult<Queued> {
+    let n = insert.frame.len() as u64;
+    db.queue_chunk(insert, runtime).map(|ack| (n, ack))
 }
 
 /// Settings a sink needs from the store.
@@ -525,6 +525,12 @@ impl PartSink {
             .get_or_insert_with(|| OpenFrame::new(level, chunk_size))
             .clone();
         frame.state().pieces.push_back(piece);
+        self.submit_pieces(frame, slot);
+    }
+
+    /// Has a chunk worker compress `frame`'s pieces handed off so far;
+    /// `slot` is given back once that job ends.
+    fn submit_pieces(&self, frame: Arc<OpenFrame>, slot: OwnedSemaphorePermit) {
         let job = move || {
             frame.compress_pieces();
             drop(slot);
@@ -558,11 +564,7 @@ impl PartSink {
             });
         }
         self.next_seq += 1;
-        let job = move || {
-            frame.compress_pieces();
-            drop(slot);
-        };
-        compressor::submit(Box::new(job), &self.runtime);
+        self.submit_pieces(frame, slot);
         self.in_flight.push_back(task);
     }
 
@@ -602,8 +604,9 @@ impl PartSink {
             drop(slot);
             let len = raw.len() as u64;
             let queued = compressed.and_then(|frame| {
-                let n = frame.len() as u64;
-                db.queue_chunk(
+                queue_frame(
+                    &db,
+                    &runtime,
                     ChunkInsertArgs {
                         part_id,
                         seq,
@@ -611,9 +614,7 @@ impl PartSink {
                         raw_len: len,
                         frame,
                     },
-                    &runtime,
                 )
-                .map(|ack| (n, ack))
             });
             codec::recycle_buffer(raw);
             let _ = done.send(Compressed { queued, len, hash });
