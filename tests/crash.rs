@@ -432,16 +432,7 @@ async fn check_after_death(db: &Path, told: &Told, what: &str) -> usize {
             }
         }
     }
-    // Reclaiming abandoned staging leaves no staged part, no orphaned chunk.
-    store.reclaim_abandoned(Duration::ZERO).await.unwrap();
-    let census = faultkit::census(db);
-    assert_eq!(
-        (census.staged_parts, census.orphan_chunks),
-        (0, 0),
-        "{what}"
-    );
-    let report = store.verify().await.unwrap();
-    assert!(report.is_ok(), "{what}: {:?}", report.problems);
+    faultkit::reclaim_and_verify(&store, db, what).await;
     drop(store);
     assert_eq!(faultkit::integrity_check(db), "ok", "{what}");
     read_back

@@ -21,34 +21,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use lossyfs::{LossyFs, Options};
-
-/// A backing folder and a mount point in a temporary folder.
-struct Place {
-    dir: tempfile::TempDir,
-}
-
-impl Place {
-    fn new() -> Place {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("backing")).unwrap();
-        std::fs::create_dir(dir.path().join("mnt")).unwrap();
-        Place { dir }
-    }
-    fn mount(&self, options: Options) -> LossyFs {
-        LossyFs::mount(
-            &self.dir.path().join("backing"),
-            &self.dir.path().join("mnt"),
-            options,
-        )
-    }
-    /// Cuts the power, unmounts, and mounts what survived.
-    fn cut_and_remount(&self, fs: LossyFs, options: Options) -> LossyFs {
-        fs.cut();
-        fs.unmount();
-        self.mount(options)
-    }
-}
+use lossyfs::{Options, Place};
 
 fn sync_dir(path: &Path) {
     File::open(path).unwrap().sync_all().unwrap();

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use faultkit::{content, digest_hex, key, read_part, write_part, Rng};
-use lossyfs::{LossyFs, Options};
+use lossyfs::{LossyFs, Options, Place};
 use sqlite_export_store::{
     ExportJobId, ExportOutputStore, SqliteOutputStore, StoreOptions, TenantContext, TenantId,
 };
@@ -565,16 +565,7 @@ async fn check_after_cut(
             );
         }
     }
-    // Staging left behind is reclaimable, and every finished part verifies.
-    store.reclaim_abandoned(Duration::ZERO).await.unwrap();
-    let census = faultkit::census(db);
-    assert_eq!(
-        (census.staged_parts, census.orphan_chunks),
-        (0, 0),
-        "{what}"
-    );
-    let report = store.verify().await.unwrap();
-    assert!(report.is_ok(), "{what}: {:?}", report.problems);
+    faultkit::reclaim_and_verify(&store, db, what).await;
     drop(store);
     // What is durable now: the finished parts of jobs no delete touched.
     for (k, done) in &rows {
@@ -591,26 +582,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// A backing folder and a mount point.
-struct Place {
-    dir: tempfile::TempDir,
-}
-
-impl Place {
-    fn new() -> Place {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("backing")).unwrap();
-        std::fs::create_dir(dir.path().join("mnt")).unwrap();
-        Place { dir }
-    }
-    fn backing(&self) -> PathBuf {
-        self.dir.path().join("backing")
-    }
-    fn mount(&self, options: Options) -> LossyFs {
-        LossyFs::mount(&self.backing(), &self.dir.path().join("mnt"), options)
-    }
 }
 
 /// Tallies of where cuts landed.

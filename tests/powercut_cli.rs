@@ -26,12 +26,12 @@ mod faultkit;
 mod lossyfs;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use faultkit::{key, read_part, Rng};
-use lossyfs::{LossyFs, Options};
+use lossyfs::{LossyFs, Options, Place};
 use sqlite_export_store::{ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions};
 
 const TENANT: &str = "acme";
@@ -51,36 +51,12 @@ fn part_name(k: &ExportPartKey) -> String {
 /// The store's file name on the mount.
 const DB: &str = "store.sqlite";
 
-/// A backing folder, a mount point, and room for what stays off the mount.
-struct Place {
-    dir: tempfile::TempDir,
-}
-
-impl Place {
-    fn new() -> Place {
-        let dir = tempfile::tempdir().unwrap();
-        for d in ["backing", "mnt", "off", "logs"] {
-            std::fs::create_dir(dir.path().join(d)).unwrap();
-        }
-        Place { dir }
-    }
-    fn backing(&self) -> PathBuf {
-        self.dir.path().join("backing")
-    }
-    /// A folder off the mount (logs, inputs).
-    fn off(&self) -> PathBuf {
-        self.dir.path().join("off")
-    }
-    fn mount(&self, rng: &mut Rng) -> LossyFs {
-        LossyFs::mount(
-            &self.backing(),
-            &self.dir.path().join("mnt"),
-            Options {
-                seed: rng.next(),
-                ..Options::default()
-            },
-        )
-    }
+/// Mounts `place` with a seed of its own from `rng`.
+fn mount(place: &Place, rng: &mut Rng) -> LossyFs {
+    place.mount(Options {
+        seed: rng.next(),
+        ..Options::default()
+    })
 }
 
 /// How the power is cut.
@@ -138,7 +114,7 @@ fn run_cut(
     {
         fs.arm(kind, suffix, *n, *after);
     }
-    let log = place.dir.path().join("logs/stderr.log");
+    let log = place.logs().join("stderr.log");
     let started = Instant::now();
     let mut child = clikit::bin()
         .args(args)
@@ -190,7 +166,7 @@ fn run_cut(
     }
     let stderr = std::fs::read_to_string(&log).unwrap_or_default();
     fs.unmount();
-    let fs = place.mount(rng);
+    let fs = mount(place, rng);
     let outcome = Outcome {
         code: ended.and_then(|s| s.code()),
         ended_first,
@@ -410,7 +386,7 @@ fn imports_under_cuts(cuts: &[(Cut, bool)], rng: &mut Rng, tally: &mut Tally) {
     let rt = runtime();
     let place = Place::new();
     let expected = import_input(&place.off(), rng);
-    let mut fs = place.mount(rng);
+    let mut fs = mount(&place, rng);
     // Jobs that must stay whole: imported (exit 0) or found whole before.
     let mut whole: Vec<String> = Vec::new();
     for (run, (cut, tear)) in cuts.iter().enumerate() {
@@ -486,7 +462,7 @@ fn imports_under_cuts(cuts: &[(Cut, bool)], rng: &mut Rng, tally: &mut Tally) {
 fn calibrate_import(rng: &mut Rng) -> (u64, u64, Duration) {
     let place = Place::new();
     import_input(&place.off(), rng);
-    let fs = place.mount(rng);
+    let fs = mount(&place, rng);
     let args = import_args(&place.off(), &fs.path(DB), "job-calibration");
     let started = Instant::now();
     let o = clikit::bin().args(&args).output().unwrap();
@@ -673,7 +649,7 @@ fn backup_under_cut(
     tally: &mut Tally,
 ) {
     let place = place_with_source(template, &["backups"]);
-    let fs = place.mount(rng);
+    let fs = mount(&place, rng);
     fs.set_tear(tear);
     let args = backup_args(&fs, false);
     let (fs, o) = run_cut(&place, fs, rng, &args, cut);
@@ -733,7 +709,7 @@ fn backup_under_power_cuts_leaves_a_whole_verified_copy_or_none() {
     // One run without a cut: how long it takes and how it writes.
     let (ops, took) = {
         let place = place_with_source(template.path(), &["backups"]);
-        let fs = place.mount(&mut rng);
+        let fs = mount(&place, &mut rng);
         let t = Instant::now();
         let o = clikit::bin()
             .args(backup_args(&fs, false))
@@ -878,7 +854,7 @@ fn export_under_cut(
     tally: &mut Tally,
 ) {
     let place = place_with_source(template, &[]);
-    let fs = place.mount(rng);
+    let fs = mount(&place, rng);
     fs.set_tear(tear);
     let args = export_args(&fs);
     let (fs, o) = run_cut(&place, fs, rng, &args, cut);
@@ -923,7 +899,7 @@ fn export_under_power_cuts_leaves_whole_files_and_all_of_them_once_it_exits() {
     let parts = source_store(template.path());
     let (ops, took) = {
         let place = place_with_source(template.path(), &[]);
-        let fs = place.mount(&mut rng);
+        let fs = mount(&place, &mut rng);
         let t = Instant::now();
         let o = clikit::bin().args(export_args(&fs)).output().unwrap();
         let took = t.elapsed();

@@ -311,3 +311,20 @@ pub fn decode_key(s: &str) -> ExportPartKey {
         fencing_token: f[5].parse().unwrap(),
     }
 }
+
+/// After a crash: reclaiming abandoned staging leaves no staged part and no
+/// orphaned chunk in the store at `db`, and every finished part verifies.
+pub async fn reclaim_and_verify(store: &SqliteOutputStore, db: &Path, what: &str) {
+    store
+        .reclaim_abandoned(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let census = census(db);
+    assert_eq!(
+        (census.staged_parts, census.orphan_chunks),
+        (0, 0),
+        "{what}"
+    );
+    let report = store.verify().await.unwrap();
+    assert!(report.is_ok(), "{what}: {:?}", report.problems);
+}

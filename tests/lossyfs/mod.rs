@@ -242,3 +242,47 @@ impl Drop for LossyFs {
         self.stop(lazy);
     }
 }
+
+/// A temporary folder for one mount: `backing/` (what the disk holds),
+/// `mnt/` (the mount point), and `off/` and `logs/` beside them, off the
+/// mount. Removed when dropped.
+pub struct Place {
+    dir: tempfile::TempDir,
+}
+
+impl Place {
+    pub fn new() -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["backing", "mnt", "off", "logs"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        Place { dir }
+    }
+
+    /// The backing folder: what survives a cut.
+    pub fn backing(&self) -> PathBuf {
+        self.dir.path().join("backing")
+    }
+
+    /// A folder off the mount (inputs, reports).
+    pub fn off(&self) -> PathBuf {
+        self.dir.path().join("off")
+    }
+
+    /// A folder off the mount for logs.
+    pub fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// Mounts the backing folder at `mnt/`.
+    pub fn mount(&self, options: Options) -> LossyFs {
+        LossyFs::mount(&self.backing(), &self.dir.path().join("mnt"), options)
+    }
+
+    /// Cuts the power, unmounts, and mounts what survived.
+    pub fn cut_and_remount(&self, fs: LossyFs, options: Options) -> LossyFs {
+        fs.cut();
+        fs.unmount();
+        self.mount(options)
+    }
+}
