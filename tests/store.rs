@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+
 mod faultkit;
 
 use sqlite_export_store::__test_support::sample;
@@ -713,6 +715,92 @@ async fn every_chunk_size_gives_the_plain_digest() {
 /// digest of its bytes, and stores frames that declare their own length,
 /// whatever the chunk size (a power of two or not), the part's length
 /// (under a piece, a piece and a line, several chunks) and the digest.
+/// `finalize_part` keeps a part's last chunk for its publishing
+/// transaction: compressed on the finalizing thread when little is left
+/// (a last piece, a part smaller than a piece), by a chunk worker when
+/// more is (a fast producer's last chunk), and nothing when the part ends
+/// on a chunk boundary. Every way stores exactly the part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_chunk_published_with_its_part_reads_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("last.db");
+    let job = ExportJobId::new();
+    let lines = faultkit::noisy_lines(11, 30_000, 120);
+    let text: Vec<u8> = lines
+        .iter()
+        .flat_map(|l| [l.as_bytes(), b"\n"].concat())
+        .collect();
+    let chunk = 1 << 20;
+    let store = SqliteOutputStore::open_with(
+        &db,
+        "http://127.0.0.1:8080",
+        StoreOptions::default().with_chunk_size(chunk),
+    )
+    .unwrap();
+    // (bytes, written at once): at once, no piece is compressed before the
+    // finalize; a line at a time with pauses, the pieces are.
+    let cases = [
+        (0, true),
+        (1, true),
+        (100 << 10, true),
+        ((256 << 10) + 17, true),
+        (chunk, true),
+        (2 * chunk, true),
+        (chunk + (700 << 10), true),
+        (chunk + 5, false),
+        (chunk + (300 << 10), false),
+        (2 * chunk + (64 << 10), false),
+    ];
+    for (n, (len, at_once)) in cases.into_iter().enumerate() {
+        let data = &text[..len];
+        let key = ExportPartKey::output("default", job.clone(), "P", n as u32, 1);
+        let mut w = store.open_writer(&key).await.unwrap();
+        if at_once {
+            w.writer.write_all(data).await.unwrap();
+            w.byte_count += data.len() as u64;
+        } else {
+            for (i, piece) in data.chunks(4 << 10).enumerate() {
+                w.writer.write_all(piece).await.unwrap();
+                w.byte_count += piece.len() as u64;
+                if i % 16 == 15 {
+                    // Slower than zstd (built without optimisation, too).
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+            }
+            // As HFS's worker, which serializes the last resources while
+            // the pieces handed off are compressed.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        store.finalize_part(&key, w).await.unwrap();
+        let what = format!("{len} bytes, at once: {at_once}");
+        let info = store.part_info(&key).await.unwrap();
+        assert_eq!(info.size_bytes, len as u64, "{what}");
+        assert_eq!(info.chunk_count, len.div_ceil(chunk) as u64, "{what}");
+        assert_eq!(
+            info.digest,
+            reference_digest(DigestAlgorithm::Xxh3_128, data),
+            "{what}"
+        );
+        assert!(read_all(&store, &key).await.unwrap() == data, "{what}");
+    }
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt = conn.prepare("SELECT raw_len, frame FROM chunks").unwrap();
+    let frames: Vec<(u64, Vec<u8>)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (raw_len, frame) in &frames {
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(frame).ok(),
+            Some(Some(*raw_len))
+        );
+    }
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.parts_checked, cases.len() as u64);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn chunks_compressed_while_a_slow_producer_writes_read_back_whole() {
     let dir = tempfile::tempdir().unwrap();

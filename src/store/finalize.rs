@@ -6,6 +6,7 @@
 //! Every part goes through the same two steps whichever call publishes it:
 //! [`seal`] shuts its writer down and checks that the store received every
 //! byte the writer reports; [`publish`], inside the write transaction,
+//! stores the last chunk if the writer held it (`finalize_part` only),
 //! checks again what the database holds (the staged row, its chunks' byte
 //! total and contiguity, fencing) and flips the part to finished with its
 //! digest. A batch runs [`publish`] for each of its parts inside one
@@ -51,11 +52,16 @@ impl Staged {
 /// Shuts `writer` down and checks that this store opened it for `key` and
 /// stored every byte it reports. A writer that fails either way publishes
 /// nothing.
+///
+/// With `hold_last`, a writer not yet shut down keeps its last chunk,
+/// compressed, for [`publish`] to store inside the publishing transaction:
+/// for a caller that publishes right away.
 pub(crate) async fn seal(
     store: &SqliteOutputStore,
     op: &'static str,
     key: &ExportPartKey,
     writer: &mut ExportPartWriter,
+    hold_last: bool,
 ) -> StorageResult<Staged> {
     let fail = |e| {
         StorageError::from_io(op, e)
@@ -71,6 +77,8 @@ pub(crate) async fn seal(
     let addr = sink_address(&*writer.writer);
     if store.registry().lookup(addr).is_none() {
         writer.writer.flush().await.map_err(fail)?;
+    } else if hold_last {
+        store.registry().hold_last_chunk(addr);
     }
     writer.writer.shutdown().await.map_err(fail)?;
     let found = store.registry().lookup(addr);
@@ -98,7 +106,8 @@ pub(crate) async fn seal(
 }
 
 /// Publishes one sealed part inside the caller's write transaction: the
-/// staged row must still exist and be unfinished, its chunks must hold
+/// staged row must still exist and be unfinished (a last chunk the writer
+/// held is stored now), its chunks must hold
 /// exactly the sealed bytes in a contiguous run, and the fencing rule must
 /// hold; then an older finished version of the key is dropped and the part
 /// is flipped to finished with its figures and digest.
@@ -119,6 +128,17 @@ pub(crate) fn publish(
                 "the staged part no longer exists (deleted or superseded)",
             ))
         }
+    }
+    if let Some(last) = &sealed.last {
+        sql::insert_chunk(
+            tx,
+            part.part_id,
+            last.seq,
+            last.raw_offset,
+            last.raw_len,
+            &last.frame,
+        )
+        .map_err(fail)?;
     }
     let totals = sql::chunk_totals(tx, part.part_id).map_err(fail)?;
     if totals.raw_bytes != sealed.bytes || totals.chunks != sealed.chunks || !totals.contiguous {
@@ -226,7 +246,7 @@ impl SqliteOutputStore {
         let mut writers = Vec::with_capacity(parts.len());
         let mut staged = Vec::with_capacity(parts.len());
         for (key, mut writer) in parts {
-            staged.push(seal(self, op, &key, &mut writer).await?);
+            staged.push(seal(self, op, &key, &mut writer, false).await?);
             writers.push(writer);
         }
         let fencing = self.options().fencing;

@@ -513,7 +513,7 @@ impl ExportOutputStore for SqliteOutputStore {
     ) -> StorageResult<FinalizedPart> {
         let op = "finalize_part";
         key.validate(op)?;
-        let staged = finalize::seal(self, op, key, &mut writer).await?;
+        let staged = finalize::seal(self, op, key, &mut writer, true).await?;
         let fencing = self.core.options.fencing;
         let staged = self
             .core

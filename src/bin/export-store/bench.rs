@@ -767,14 +767,14 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
     let publish: Vec<Duration> = fin[0].iter().zip(&seal[0]).map(|(f, s)| *f - *s).collect();
     table.row(
         group,
-        "  store: seal (last piece compressed, hashed, stored)",
+        "  store: seal (last piece compressed, part hashed)",
         p50_p99(&seal[0]),
         "",
         "",
     );
     table.row(
         group,
-        "  store: publish (statements, durable commit)",
+        "  store: publish (last chunk stored, checks, durable commit)",
         p50_p99(&publish),
         "",
         "",

@@ -531,8 +531,9 @@ pub struct PartTimes {
     /// worker) waits for.
     pub finalize: Duration,
     /// Of `finalize`: the writer's shutdown (for the store: the open chunk's
-    /// last piece compressed and hashed, the chunk handed to the writer
-    /// thread and stored; for local files: the last bytes written).
+    /// last piece compressed and the part's digest finished, the chunk kept
+    /// for the publishing transaction; for local files: the last bytes
+    /// written).
     pub seal: Duration,
 }
 
