@@ -135,7 +135,9 @@ pub use store::listing::{
 pub use store::maintenance::{
     SpaceReport, SpaceStats, VerifyProblem, VerifyProgress, VerifyReport, JOB_FENCE_MIN_AGE,
 };
-pub use store::options::{StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE};
+pub use store::options::{
+    Checkpoints, StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE,
+};
 pub use store::{PartInfo, SqliteOutputStore};
 
 // The examples of the README and of docs/ compile and run as doctests.

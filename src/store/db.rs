@@ -19,7 +19,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::options::StoreOptions;
+use super::options::{Checkpoints, StoreOptions};
 use super::{failpoint, schema, sql};
 use crate::error::{from_pool, from_sqlite, StorageError, StorageResult};
 
@@ -97,6 +97,8 @@ pub(crate) struct Db {
     /// Chunks that found the queue full, oldest first, and whether a task
     /// on the blocking pool is forwarding them ([`Db::queue_chunk`]).
     overflow: Arc<Mutex<Overflow>>,
+    /// Opened read-only: no writer thread, and every write is refused.
+    read_only: bool,
 }
 
 /// Chunks waiting for room in a store's queue.
@@ -123,8 +125,12 @@ fn open_flags() -> OpenFlags {
 
 impl Db {
     /// Opens (creating if needed) and migrates the database at `path`, then
-    /// starts the writer thread and the read pool.
+    /// starts the writer thread and the read pool; with
+    /// [`StoreOptions::with_read_only`], [`Db::open_read_only`] instead.
     pub fn open(path: &Path, options: &StoreOptions) -> StorageResult<Db> {
+        if options.read_only {
+            return Self::open_read_only(path, options);
+        }
         let op = "open";
         let busy = options.busy_timeout;
         let mut conn =
@@ -148,6 +154,13 @@ impl Db {
             r.get::<_, i64>(0)
         })
         .map_err(|e| from_sqlite(op, e))?;
+        // With another program checkpointing (a replicator that must read
+        // every frame first), this connection never checkpoints on its own.
+        let store_checkpoints = options.checkpoints == Checkpoints::Store;
+        if !store_checkpoints {
+            conn.pragma_update_and_check(None, "wal_autocheckpoint", 0, |r| r.get::<_, i64>(0))
+                .map_err(|e| from_sqlite(op, e))?;
+        }
         schema::prepare(&mut conn)?;
         schema::limit_size(&conn, options.max_database_size).map_err(|e| from_sqlite(op, e))?;
         // Free pages left by a reclamation that a crash interrupted.
@@ -173,7 +186,16 @@ impl Db {
         let thread_reclaim = reclaim.clone();
         let thread = std::thread::Builder::new()
             .name("export-store-writer".into())
-            .spawn(move || writer_thread(conn, rx, thread_discards, thread_reclaim, staging_retry))
+            .spawn(move || {
+                writer_thread(
+                    conn,
+                    rx,
+                    thread_discards,
+                    thread_reclaim,
+                    staging_retry,
+                    store_checkpoints,
+                )
+            })
             .map_err(|e| {
                 StorageError::internal(op, "cannot start the writer thread").with_source(e)
             })?;
@@ -185,7 +207,84 @@ impl Db {
             reclaim,
             file: file_id(path).map(|id| (path.to_path_buf(), id)),
             overflow: Default::default(),
+            read_only: false,
         })
+    }
+
+    /// Opens the existing database at `path` read-only: checks that it holds
+    /// a store of this build's schema (migrating nothing) and starts the read
+    /// pool, with no writer thread. Every connection is opened
+    /// `SQLITE_OPEN_READ_ONLY`, so nothing this store does can write the
+    /// file; a write asked of it is refused by [`Db::sender`].
+    pub fn open_read_only(path: &Path, options: &StoreOptions) -> StorageResult<Db> {
+        let op = "open";
+        let busy = options.busy_timeout;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => {
+                return Err(StorageError::invalid(
+                    op,
+                    "the path is a folder, not a store's database file",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::not_found(
+                    op,
+                    "there is no database file at this path (a read-only open never creates one)",
+                )
+                .with_source(e))
+            }
+            Err(e) => {
+                return Err(StorageError::internal(
+                    op,
+                    format!("the database file cannot be examined ({})", e.kind()),
+                )
+                .with_source(e))
+            }
+        }
+        let flags = read_only_flags();
+        let checked = Connection::open_with_flags(path, flags)
+            .map_err(|e| from_sqlite(op, e))
+            .and_then(|conn| {
+                schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
+                schema::check_read_only(&conn)
+            });
+        if let Err(e) = checked {
+            return Err(explain_read_only_failure(path, e));
+        }
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(flags)
+            .with_init(move |c| schema::configure(c, busy));
+        let pool = r2d2::Pool::builder()
+            .max_size(options.pool_size)
+            .min_idle(Some(0))
+            .connection_timeout(busy.max(Duration::from_secs(1)) * 2)
+            .build(manager)
+            .map_err(|e| from_pool(op, e))?;
+        Ok(Db {
+            pool,
+            queue: None,
+            thread: None,
+            discards: Default::default(),
+            reclaim: Default::default(),
+            file: file_id(path).map(|id| (path.to_path_buf(), id)),
+            overflow: Default::default(),
+            read_only: true,
+        })
+    }
+
+    /// Whether the database was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Refuses a write on a database opened read-only.
+    pub fn check_writable(&self, op: &'static str) -> StorageResult<()> {
+        if self.read_only {
+            Err(read_only_refusal(op))
+        } else {
+            Ok(())
+        }
     }
 
     /// Fails if the database file was removed or replaced since it was
@@ -363,6 +462,7 @@ impl Db {
     }
 
     fn sender(&self, op: &'static str) -> StorageResult<&mpsc::Sender<Command>> {
+        self.check_writable(op)?;
         self.queue.as_ref().ok_or_else(|| writer_gone(op))
     }
 }
@@ -457,6 +557,59 @@ fn file_id(_path: &Path) -> Option<FileId> {
     None
 }
 
+/// The flags of a read-only store's connections: never create, never write.
+fn read_only_flags() -> OpenFlags {
+    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
+}
+
+/// The refusal of a write asked of a store opened read-only.
+pub(crate) fn read_only_refusal(op: &'static str) -> StorageError {
+    StorageError::internal(
+        op,
+        "the store is open read-only; writes go to the store's primary copy",
+    )
+}
+
+/// Turns SQLite's "cannot open" for a read-only open into what the operator
+/// can act on when its cause is the one SQLite has for a database in WAL
+/// mode (every store's file) in a folder it may not write: it needs the
+/// `-wal` and `-shm` files beside the database, and cannot create them
+/// there. Other errors pass unchanged.
+fn explain_read_only_failure(path: &Path, e: StorageError) -> StorageError {
+    use std::io::Read;
+    let cannot_open = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<rusqlite::Error>())
+        .and_then(rusqlite::Error::sqlite_error_code)
+        == Some(rusqlite::ErrorCode::CannotOpen);
+    if !cannot_open {
+        return e;
+    }
+    // Bytes 18 and 19 of the header are 2 for a database in WAL mode.
+    let mut header = [0_u8; 20];
+    let wal_mode = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok()
+        && header.starts_with(b"SQLite format 3\0")
+        && header[18] == 2;
+    let companion = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p).exists()
+    };
+    if !wal_mode || (companion("-wal") && companion("-shm")) {
+        return e;
+    }
+    StorageError::internal(
+        "open",
+        "the database is in WAL mode and its -wal and -shm files are not both beside it; \
+         SQLite cannot read such a file without them and cannot create them here (is its \
+         folder read-only?). Let this process write the folder, keep a process that has \
+         the store open (it keeps both files), or serve a copy in rollback-journal mode \
+         (what a backup writes)",
+    )
+    .with_source(e)
+}
+
 fn writer_gone(op: &'static str) -> StorageError {
     StorageError::internal(op, "the store's writer has shut down")
 }
@@ -481,12 +634,15 @@ pub(crate) fn vacuum_step(conn: &Connection) -> rusqlite::Result<(u64, u64, u64)
 /// One idle-time step of space reclamation, run by the writer thread when
 /// it has no command. Never waits for a lock held by another process: a
 /// busy database ends the idle work until the next delete asks again.
-/// Returns whether free pages remain to give back.
-fn idle_vacuum_step(conn: &Connection) -> bool {
+/// Returns whether free pages remain to give back. After the last step it
+/// checkpoints, if the store does its own checkpoints (`checkpoint`).
+fn idle_vacuum_step(conn: &Connection, checkpoint: bool) -> bool {
     match sql::without_waiting(conn, vacuum_step) {
         Ok((freed, left, _)) if freed > 0 && left > 0 => true,
         Ok(_) => {
-            let _ = sql::checkpoint(conn);
+            if checkpoint {
+                let _ = sql::checkpoint(conn);
+            }
             false
         }
         Err(_) => false,
@@ -499,6 +655,7 @@ fn writer_thread(
     discards: std::sync::Arc<Mutex<Vec<i64>>>,
     reclaim: std::sync::Arc<AtomicBool>,
     staging_retry: Duration,
+    store_checkpoints: bool,
 ) {
     use mpsc::error::TryRecvError;
     // A clock for waiting on the queue with a timeout; without one (it
@@ -515,15 +672,17 @@ fn writer_thread(
             None => match rx.try_recv() {
                 Ok(c) => c,
                 Err(TryRecvError::Empty) if reclaim.load(Ordering::SeqCst) => {
-                    if !idle_vacuum_step(&conn) {
+                    if !idle_vacuum_step(&conn, store_checkpoints) {
                         reclaim.store(false, Ordering::SeqCst);
                     }
                     wal_written = true;
                     continue;
                 }
                 Err(TryRecvError::Empty) => {
+                    // Another program checkpoints: the log is not the
+                    // writer's to truncate, so it just waits for work.
                     let received = match &clock {
-                        Some(clock) if wal_written => clock.block_on(async {
+                        Some(clock) if wal_written && store_checkpoints => clock.block_on(async {
                             tokio::time::timeout(IDLE_TRUNCATE_AFTER, rx.recv()).await
                         }),
                         _ => Ok(rx.blocking_recv()),

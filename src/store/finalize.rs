@@ -242,6 +242,8 @@ impl SqliteOutputStore {
         parts: Vec<(ExportPartKey, ExportPartWriter)>,
         exclusive: Exclusive,
     ) -> StorageResult<Vec<FinalizedPart>> {
+        // A read-only store says so before it touches any writer.
+        self.db().check_writable(op)?;
         check_batch(op, &parts, exclusive)?;
         let mut writers = Vec::with_capacity(parts.len());
         let mut staged = Vec::with_capacity(parts.len());

@@ -14,7 +14,8 @@
 //!   (the verifying `AsyncRead`) and `chunk.rs` (one stored chunk read
 //!   back, for the reader, verify and downloads);
 //! - the bridge: `db.rs` (the read pool and the writer thread: the one place
-//!   async callers meet blocking SQLite work) and `compressor.rs` (the chunk
+//!   async callers meet blocking SQLite work; a store opened read-only has
+//!   the read pool alone, and `db.rs` refuses its writes) and `compressor.rs` (the chunk
 //!   workers, one per core);
 //! - synchronous SQLite: `sql.rs` (every statement) and `schema.rs`
 //!   (connection set-up, migrations);
@@ -151,7 +152,9 @@ struct Core {
 /// - a writer keeps the database open on its own: after every clone of its
 ///   store is dropped it still accepts bytes, but only the store that opened
 ///   it can finalize it. A store opened anew on the same file refuses it as
-///   invalid input, and dropping the writer discards its staging.
+///   invalid input, and dropping the writer discards its staging;
+/// - a store opened read-only ([`open_read_only`](Self::open_read_only))
+///   reads like any other and refuses every write at once.
 #[derive(Clone)]
 pub struct SqliteOutputStore {
     core: Arc<Core>,
@@ -178,13 +181,35 @@ impl SqliteOutputStore {
 
     /// Opens (or creates) the store at `path`: checks the options, sets the
     /// database up and applies pending migrations. A database written by a
-    /// newer schema version is refused.
+    /// newer schema version is refused. With
+    /// [`StoreOptions::with_read_only`], opens an existing store read-only
+    /// instead (see there): nothing is created, migrated or written.
     pub fn open_with(
         path: impl AsRef<Path>,
         base_url: &str,
         options: StoreOptions,
     ) -> StorageResult<Self> {
         Self::build(path.as_ref().to_path_buf(), base_url, options, None)
+    }
+
+    /// Opens the existing store at `path` read-only, with default options:
+    /// `open_with(path, base_url, StoreOptions::default().with_read_only(true))`.
+    /// For a copy of the file that another process or node writes (a
+    /// replica kept current by Litestream, say), or a file this process may
+    /// not write. What a caller may rely on is listed at
+    /// [`StoreOptions::with_read_only`]; in short: a path with no file is
+    /// not found and stays absent, a file at another schema version is
+    /// invalid input naming both versions, every write is refused at once
+    /// (see [`is_read_only`](Self::is_read_only)), and reads see committed
+    /// data only.
+    pub fn open_read_only(path: impl AsRef<Path>, base_url: &str) -> StorageResult<Self> {
+        Self::open_with(path, base_url, StoreOptions::default().with_read_only(true))
+    }
+
+    /// Whether the store was opened read-only: then every call that writes
+    /// fails at once with an internal error saying so, and writes nothing.
+    pub fn is_read_only(&self) -> bool {
+        self.core.db.is_read_only()
     }
 
     /// A store in a fresh temporary file, removed when the last clone is
@@ -468,6 +493,7 @@ pub(crate) fn immediate<'c>(
 impl ExportOutputStore for SqliteOutputStore {
     async fn open_writer(&self, key: &ExportPartKey) -> StorageResult<ExportPartWriter> {
         let op = "open_writer";
+        self.core.db.check_writable(op)?;
         key.validate(op)?;
         let runtime = Handle::try_current().map_err(|_| {
             StorageError::internal(op, "open_writer must be called inside a Tokio runtime")
@@ -512,6 +538,9 @@ impl ExportOutputStore for SqliteOutputStore {
         mut writer: ExportPartWriter,
     ) -> StorageResult<FinalizedPart> {
         let op = "finalize_part";
+        // Before the writer is touched: a read-only store has no writer of
+        // its own, and must not flush or shut down another store's.
+        self.core.db.check_writable(op)?;
         key.validate(op)?;
         let staged = finalize::seal(self, op, key, &mut writer, true).await?;
         let fencing = self.core.options.fencing;

@@ -18,6 +18,51 @@ pub const MAX_CHUNK_SIZE: usize = 64 << 20;
 /// [`StoreOptions::with_read_ahead`] says.
 pub const DOWNLOAD_READ_AHEAD: usize = 2;
 
+/// Who checkpoints a store's write-ahead log (`-wal`): copies its frames
+/// back into the database file and starts the log over. Set with
+/// [`StoreOptions::with_checkpoints`]; it applies to the store's write
+/// connection, so every process that writes the file should use the same
+/// setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Checkpoints {
+    /// The store checkpoints (the default): SQLite's own automatic
+    /// checkpoint after a commit leaves the log past 1,000 pages (4 MiB);
+    /// after a write, once the writer has had nothing to do for 1 s, a
+    /// checkpoint that truncates the `-wal` to zero bytes (given up at once
+    /// while a reader or another writer is in the way, and tried again at
+    /// the next idle spell); and `journal_size_limit`, which shrinks a
+    /// `-wal` that grew past 4 MiB back to 4 MiB when the log starts over.
+    /// An idle store keeps all its data in the database file.
+    #[default]
+    Store,
+    /// Another program checkpoints: the store never does. Its write
+    /// connection runs with SQLite's automatic checkpoint off
+    /// (`wal_autocheckpoint = 0`), the writer never truncates the log when
+    /// idle, and space reclamation does not checkpoint after its last
+    /// step. `journal_size_limit` stays (it only shrinks the file when the
+    /// log starts over, after a checkpoint the other program made).
+    ///
+    /// The `-wal` is then bounded only by the other program's checkpoints:
+    /// if it stops checkpointing (or is not running), the log grows by
+    /// everything written, and reads slow down as it grows. What a caller
+    /// may rely on: the store's own connections never start the log over
+    /// or truncate it before the other program has read it.
+    ///
+    /// Use it when a replicator that reads the log (Litestream) runs beside
+    /// the store and checkpoints on its own schedule: Litestream 0.5 takes
+    /// a passive checkpoint once the log reaches 1,000 pages and every
+    /// minute, after it has copied the frames. With the store's own
+    /// checkpoints, the store starts the log over before Litestream has
+    /// read it, and Litestream then uploads the whole database again: in
+    /// `tests/litestream.rs` (three writer processes, 36 parts, a 52 MB
+    /// store) 10 to 14 full snapshots and about 200 MiB uploaded, against
+    /// one snapshot and 52 MiB with `External`. The log stayed below
+    /// 8.5 MiB there, and no finalize waited longer than 0.2 s for
+    /// Litestream's checkpoints.
+    External,
+}
+
 /// Options for opening a store. Build with [`StoreOptions::default`] and the
 /// `with_*` methods; [`SqliteOutputStore::open_with`](crate::SqliteOutputStore::open_with)
 /// checks them and answers invalid input for values it cannot honour.
@@ -35,6 +80,8 @@ pub struct StoreOptions {
     pub(crate) signing_key: Option<Vec<u8>>,
     pub(crate) max_database_size: Option<u64>,
     pub(crate) digest: DigestAlgorithm,
+    pub(crate) read_only: bool,
+    pub(crate) checkpoints: Checkpoints,
 }
 
 impl Default for StoreOptions {
@@ -52,6 +99,8 @@ impl Default for StoreOptions {
             signing_key: None,
             max_database_size: None,
             digest: DigestAlgorithm::CURRENT,
+            read_only: false,
+            checkpoints: Checkpoints::Store,
         }
     }
 }
@@ -71,6 +120,8 @@ impl std::fmt::Debug for StoreOptions {
             .field("signing_key", &self.signing_key.as_ref().map(|_| "<set>"))
             .field("max_database_size", &self.max_database_size)
             .field("digest", &self.digest)
+            .field("read_only", &self.read_only)
+            .field("checkpoints", &self.checkpoints)
             .finish()
     }
 }
@@ -176,6 +227,68 @@ impl StoreOptions {
     pub fn with_digest(mut self, algorithm: DigestAlgorithm) -> Self {
         self.digest = algorithm;
         self
+    }
+
+    /// Opens the store read-only, for a copy of the file that something
+    /// else keeps current (a replica restored by Litestream on a second
+    /// node, say) or a file the process may not write. Default off.
+    ///
+    /// What a read-only store does and does not do:
+    ///
+    /// - its connections are opened `SQLITE_OPEN_READ_ONLY`: it never
+    ///   creates the file (a path where none exists is not found), never
+    ///   migrates it (a file whose schema version is older or newer than
+    ///   the one this build writes is refused as invalid input naming both
+    ///   versions), and starts no writer thread: no checkpoints, no
+    ///   truncation of the write-ahead log, no space reclamation, no
+    ///   reclaiming of staging;
+    /// - every call that writes (`open_writer`, `finalize_part`,
+    ///   `finalize_parts`, the deletes, `reclaim_abandoned`,
+    ///   `prune_superseded`, `reclaim_space`) fails at once with an
+    ///   internal error whose message says the store is open read-only
+    ///   ([`SqliteOutputStore::is_read_only`](crate::SqliteOutputStore::is_read_only)
+    ///   tells beforehand); nothing is written;
+    /// - reads work as on any store: listing, `part_info`, readers,
+    ///   downloads, `verify`, `backup_to`, and `download_url` (which needs
+    ///   no write). Another process may write the file meanwhile: every
+    ///   read sees committed data only, so a part appears whole once its
+    ///   writer finalized it, and not before;
+    /// - SQLite still creates the `-wal` and `-shm` files beside a file in
+    ///   WAL mode (every store's file is) when they are missing and the
+    ///   folder allows it. In a folder it may not write, it needs them to
+    ///   exist already (a process that has the store open keeps them); if
+    ///   they do not, the open fails with a message saying so. The store
+    ///   never falls back to SQLite's `immutable` mode, which would read a
+    ///   file that another path to it (the primary, a restore) changes
+    ///   without any locking. A file in rollback-journal mode, such as a
+    ///   copy [`backup_to`](crate::SqliteOutputStore::backup_to) made,
+    ///   needs no companion files and opens read-only anywhere.
+    ///
+    /// The write settings (chunk size, compression, digest, size cap,
+    /// staging retry, fencing) have no effect on a read-only store.
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Whether [`with_read_only`](Self::with_read_only) is set.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Who checkpoints the write-ahead log: the store itself (default,
+    /// [`Checkpoints::Store`]) or another program that replicates the file
+    /// and must see every frame of the log before it is checkpointed away,
+    /// such as Litestream ([`Checkpoints::External`]). See [`Checkpoints`]
+    /// for what each does, and when to choose `External`.
+    pub fn with_checkpoints(mut self, checkpoints: Checkpoints) -> Self {
+        self.checkpoints = checkpoints;
+        self
+    }
+
+    /// What [`with_checkpoints`](Self::with_checkpoints) set.
+    pub fn checkpoints(&self) -> Checkpoints {
+        self.checkpoints
     }
 
     pub(crate) fn validate(&self) -> StorageResult<()> {

@@ -170,6 +170,56 @@ fn apply_pending(conn: &mut Connection) -> StorageResult<()> {
     }
 }
 
+/// Checks, without writing, that a database opened read-only holds a store
+/// of exactly this build's schema: a read-only store never migrates, so a
+/// file at another version (older or newer) is refused as invalid input
+/// with both versions named, and so is a file that holds no store at all
+/// (an empty file, or a SQLite database without the store's tables).
+/// Reading the header is also where SQLite first touches the file, so a
+/// file that is not a database fails here.
+pub fn check_read_only(conn: &Connection) -> StorageResult<()> {
+    let op = "open";
+    let sql = |e| from_sqlite(op, e);
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .map_err(sql)?;
+    let version: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql)?;
+    if pages == 0 {
+        return Err(StorageError::invalid(
+            op,
+            "the file is empty: it holds no store (a read-only open never creates one)",
+        ));
+    }
+    if version == 0 {
+        return Err(StorageError::invalid(
+            op,
+            "the file is a SQLite database but not a store (it has no schema version)",
+        ));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(StorageError::invalid(
+            op,
+            format!(
+                "the database has schema version {version}, newer than the {SCHEMA_VERSION} \
+                 this build of sqlite-export-store knows; upgrade the software to open it"
+            ),
+        ));
+    }
+    if version < SCHEMA_VERSION {
+        return Err(StorageError::invalid(
+            op,
+            format!(
+                "the database has schema version {version}, older than the {SCHEMA_VERSION} \
+                 this build of sqlite-export-store reads, and a read-only open never \
+                 migrates; open it read-write once (where it may be written) to migrate it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +395,47 @@ mod tests {
         let e = prepare(&mut c).unwrap_err();
         assert!(e.is_invalid_input());
         assert!(e.to_string().contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn a_read_only_check_accepts_only_this_schema_and_writes_nothing() {
+        use rusqlite::OpenFlags;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut c = Connection::open(&path).unwrap();
+        prepare(&mut c).unwrap();
+        let ro = |p: &std::path::Path| {
+            Connection::open_with_flags(p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
+        };
+        check_read_only(&ro(&path)).unwrap();
+        for (version, word) in [(SCHEMA_VERSION - 1, "older"), (SCHEMA_VERSION + 1, "newer")] {
+            c.pragma_update(None, "user_version", version).unwrap();
+            let e = check_read_only(&ro(&path)).unwrap_err();
+            assert!(e.is_invalid_input(), "{e}");
+            let text = e.to_string();
+            assert!(text.contains(word), "{text}");
+            assert!(
+                text.contains(&format!("version {version},"))
+                    && text.contains(&format!("the {SCHEMA_VERSION} ")),
+                "{text}"
+            );
+            let now: u32 = c
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(now, version, "the check migrated nothing");
+        }
+        // Not a store: a database without a schema version, an empty file.
+        let other = dir.path().join("other.db");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let e = check_read_only(&ro(&other)).unwrap_err();
+        assert!(e.to_string().contains("not a store"), "{e}");
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let e = check_read_only(&ro(&empty)).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
     }
 
     #[test]

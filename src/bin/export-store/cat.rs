@@ -4,7 +4,8 @@
 //!
 //! A part is named as `ls` prints it (`TENANT/JOB/FILE_TYPE/TYPE-N@TOKEN`;
 //! without `@TOKEN`, the slot's highest finished token), or by its download
-//! URL or the URL's path (see [`crate::partname`]).
+//! URL or the URL's path (see [`crate::partname`]). The store is opened
+//! read-only: `cat` never migrates or writes it.
 //!
 //! Each chunk is checked before its bytes are written, and the part's
 //! length and digest before its last bytes are; so a damaged part ends in
@@ -28,7 +29,7 @@ use sqlite_export_store::{
 use tokio::io::AsyncReadExt;
 
 use crate::ls::{BAD_ARGUMENT, NOTHING_MATCHED};
-use crate::ops::{open, runtime, Failure};
+use crate::ops::{open_read_only, runtime, Failure};
 use crate::partname::{self, Target};
 
 /// The exit status when the part is damaged (as `verify`'s problems).
@@ -74,7 +75,7 @@ pub fn run(args: Args) -> Result<ExitCode, Failure> {
         );
         return Ok(ExitCode::from(BAD_ARGUMENT));
     }
-    let store = open(&args.db)?;
+    let store = open_read_only(&args.db)?;
     let rt = runtime()?;
     rt.block_on(async {
         let key = match resolve(&store, &target).await {

@@ -75,6 +75,13 @@ pub struct Args {
     /// it finishes (and serves as its ETag).
     #[arg(long, value_enum, default_value_t = crate::Digest::Xxh3_128)]
     digest: crate::Digest,
+    /// Who checkpoints the store's write-ahead log: `store` (the store
+    /// itself; the default) or `external`, when Litestream (or another
+    /// replicator that reads the log) runs beside the store and checkpoints
+    /// it. With `external` the store never checkpoints, so a replicator
+    /// never has to upload a fresh full snapshot because of the store.
+    #[arg(long, value_enum, default_value_t = crate::Checkpointing::Store)]
+    checkpoints: crate::Checkpointing,
     /// Answer export and submit status polls that say "still running" (202)
     /// with this `Retry-After` (in seconds) instead of HFS's 120. For test fixtures and demos: real
     /// clients obey the header, so a small export would otherwise wait two
@@ -395,7 +402,9 @@ fn output_stores(
                 .output_db
                 .clone()
                 .unwrap_or_else(|| args.data_dir.join("export-output.db"));
-            let options = StoreOptions::default().with_digest(args.digest.algorithm());
+            let options = StoreOptions::default()
+                .with_digest(args.digest.algorithm())
+                .with_checkpoints(args.checkpoints.option());
             let store = SqliteOutputStore::open_with(&path, &base, options)
                 .map_err(|e| format!("cannot open the output store {}: {e}", path.display()))?;
             spawn_reclaim_abandoned(

@@ -92,6 +92,13 @@ pub struct Args {
     /// The content digest recorded for each part (and served as its ETag).
     #[arg(long, value_enum, default_value_t = crate::Digest::Xxh3_128)]
     digest: crate::Digest,
+    /// Who checkpoints the store's write-ahead log: `store` (the store
+    /// itself; the default) or `external`, when Litestream (or another
+    /// replicator that reads the log) runs beside the store and checkpoints
+    /// it. With `external` the store never checkpoints, so a replicator
+    /// never has to upload a fresh full snapshot because of the store.
+    #[arg(long, value_enum, default_value_t = crate::Checkpointing::Store)]
+    checkpoints: crate::Checkpointing,
 }
 
 type Failure = Box<dyn std::error::Error>;
@@ -161,7 +168,9 @@ async fn import(args: Args) -> Result<(), Stop> {
     key(plan[0].file_type, &plan[0].resource_type, 0)
         .validate("import")
         .map_err(store_stop)?;
-    let options = StoreOptions::default().with_digest(args.digest.algorithm());
+    let options = StoreOptions::default()
+        .with_digest(args.digest.algorithm())
+        .with_checkpoints(args.checkpoints.option());
     let store = SqliteOutputStore::open_with(&args.db, &args.base_url, options)
         .map_err(|e| format!("cannot open the store {}: {e}", args.db.display()))?;
     // Refused before anything is read: a job that exists is never joined

@@ -5,7 +5,8 @@
 //!
 //! Each level is one listing query plus the file's figures: no part is
 //! read or decompressed, so the time grows with the rows listed, not with
-//! the bytes stored. A part's NAME is what `export-store cat` takes.
+//! the bytes stored. A part's NAME is what `export-store cat` takes. The
+//! store is opened read-only: `ls` never migrates or writes it.
 //!
 //! Exit status: 0 listed (an empty store lists nothing and is fine), 1 the
 //! store could not be read, 2 a bad argument, 4 `--tenant`/`--job` matched
@@ -21,7 +22,7 @@ use sqlite_export_store::{
     FileStats, JobSummary, PartSummary, PartTotals, StorageError, TenantSummary,
 };
 
-use crate::ops::{open, part_filter, plural, runtime, show_bytes, Failure};
+use crate::ops::{open_read_only, part_filter, plural, runtime, show_bytes, Failure};
 use crate::partname;
 
 /// The exit status when `--tenant` or `--job` matched no part.
@@ -73,7 +74,7 @@ impl Listing {
 /// Runs `ls`.
 pub fn run(args: Args) -> Result<ExitCode, Failure> {
     let filter = part_filter(args.tenant.as_deref(), args.job.as_deref(), false);
-    let store = open(&args.db)?;
+    let store = open_read_only(&args.db)?;
     let rt = runtime()?;
     let listed = rt.block_on(async {
         let listing = if args.parts || args.job.is_some() {

@@ -142,6 +142,27 @@ impl Digest {
     }
 }
 
+/// `--checkpoints`: who checkpoints the store's write-ahead log, for the
+/// commands that write a store.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Checkpointing {
+    /// The store itself (the default).
+    Store,
+    /// Another program that replicates the file (Litestream): the store
+    /// never checkpoints.
+    External,
+}
+
+impl Checkpointing {
+    /// The store option for this choice.
+    pub fn option(self) -> sqlite_export_store::Checkpoints {
+        match self {
+            Checkpointing::Store => sqlite_export_store::Checkpoints::Store,
+            Checkpointing::External => sqlite_export_store::Checkpoints::External,
+        }
+    }
+}
+
 /// Parses `--db`: any path.
 pub fn db_path(p: &str) -> PathBuf {
     PathBuf::from(p)

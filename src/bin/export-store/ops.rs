@@ -3,7 +3,9 @@
 //!
 //! Both refuse a path where no store exists (they never create one). `gc`
 //! deletes abandoned staging and gives free pages back to the file system;
-//! `verify` reads every finished part and checks the database, showing a
+//! `verify` opens the store read-only (it migrates and writes nothing, and
+//! works on a replica or a file it may not write), reads every finished
+//! part and checks the database, showing a
 //! progress bar on a terminal and nothing but its summary when piped.
 //! `verify` exits 0 when all is well, 3 when it found a problem, and 1 when
 //! it could not run.
@@ -34,6 +36,13 @@ pub struct GcArgs {
     /// The store's database file.
     #[arg(long, default_value = crate::DEFAULT_DB)]
     db: PathBuf,
+    /// Who checkpoints the store's write-ahead log: `store` (the store
+    /// itself; the default) or `external`, when Litestream (or another
+    /// replicator that reads the log) runs beside the store and checkpoints
+    /// it. With `external` the store never checkpoints, so a replicator
+    /// never has to upload a fresh full snapshot because of the store.
+    #[arg(long, value_enum, default_value_t = crate::Checkpointing::Store)]
+    checkpoints: crate::Checkpointing,
 }
 
 /// Arguments of `export-store verify`.
@@ -55,14 +64,32 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 /// Opens an existing store; the URL base is irrelevant to these commands.
 pub(crate) fn open(db: &Path) -> Result<SqliteOutputStore, Failure> {
+    open_checkpointing(db, crate::Checkpointing::Store)
+}
+
+/// [`open`], with `--checkpoints` of a command that writes the store.
+pub(crate) fn open_checkpointing(
+    db: &Path,
+    checkpoints: crate::Checkpointing,
+) -> Result<SqliteOutputStore, Failure> {
     if !db.is_file() {
         return Err(format!("no store at {} (no such file)", db.display()).into());
     }
     Ok(SqliteOutputStore::open_with(
         db,
         "http://localhost",
-        StoreOptions::default(),
+        StoreOptions::default().with_checkpoints(checkpoints.option()),
     )?)
+}
+
+/// Opens an existing store read-only ([`SqliteOutputStore::open_read_only`]),
+/// for the commands that only read it (`ls`, `cat`, `verify`): they never
+/// create, migrate or write the file.
+pub(crate) fn open_read_only(db: &Path) -> Result<SqliteOutputStore, Failure> {
+    if !db.is_file() {
+        return Err(format!("no store at {} (no such file)", db.display()).into());
+    }
+    Ok(SqliteOutputStore::open_read_only(db, "http://localhost")?)
 }
 
 /// The parts `--tenant` and `--job` select (every part when neither is
@@ -127,7 +154,7 @@ impl FinishedParts {
 
 /// Runs `gc`.
 pub fn gc(args: GcArgs) -> Result<ExitCode, Failure> {
-    let store = open(&args.db)?;
+    let store = open_checkpointing(&args.db, args.checkpoints)?;
     let rt = runtime()?;
     let (staged, space, after) = rt.block_on(async {
         let staged = store.reclaim_abandoned(args.older_than).await?;
@@ -151,7 +178,7 @@ pub fn gc(args: GcArgs) -> Result<ExitCode, Failure> {
 
 /// Runs `verify`.
 pub fn verify(args: VerifyArgs) -> Result<ExitCode, Failure> {
-    let store = open(&args.db)?;
+    let store = open_read_only(&args.db)?;
     let rt = runtime()?;
     let started = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {

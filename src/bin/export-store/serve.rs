@@ -55,6 +55,13 @@ pub struct Args {
     /// path. Default: `http://{addr}`.
     #[arg(long, value_name = "URL")]
     base_url: Option<String>,
+    /// Who checkpoints the store's write-ahead log: `store` (the store
+    /// itself; the default) or `external`, when Litestream (or another
+    /// replicator that reads the log) runs beside the store and checkpoints
+    /// it. With `external` the store never checkpoints, so a replicator
+    /// never has to upload a fresh full snapshot because of the store.
+    #[arg(long, value_enum, default_value_t = crate::Checkpointing::Store)]
+    checkpoints: crate::Checkpointing,
     /// The tenant of `/export-file/...` requests (`/{tenant}/export-file/...`
     /// names its own).
     #[arg(long, default_value = DEFAULT_TENANT)]
@@ -73,6 +80,17 @@ pub struct Args {
     /// any port.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Open the store read-only, for a copy of the file another process or
+    /// node writes (a replica a Litestream restore keeps current) or a file
+    /// or folder this process may not write: nothing is created, migrated
+    /// or written (no checkpoints, no space reclamation), and a file at
+    /// another schema version is refused at start. Parts appear as the
+    /// writer finalizes them. In a folder it may not write, the store's
+    /// `-wal` and `-shm` files must already exist beside it (a writer that
+    /// has the store open keeps them); a file in rollback-journal mode (an
+    /// `export-store backup` copy) needs neither.
+    #[arg(long)]
+    read_only: bool,
 }
 
 /// Runs the command: serves until Ctrl-C or SIGTERM, then lets open
@@ -98,7 +116,9 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if !args.db.is_file() {
         return Err(format!("no store at {}", args.db.display()).into());
     }
-    let mut options = StoreOptions::default();
+    let mut options = StoreOptions::default()
+        .with_read_only(args.read_only)
+        .with_checkpoints(args.checkpoints.option());
     if let Some(f) = &args.signing_key_file {
         let key = server::read_signing_key_file(f)
             .map_err(|e| format!("cannot read the signing key file {}: {e}", f.display()))?;
@@ -154,7 +174,7 @@ pub fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         if let Some((listener, router)) = watch {
             crate::watch::spawn(listener, router)?;
         }
-        tracing::info!(%addr, %base_url, db = %args.db.display(), "serving export files");
+        tracing::info!(%addr, %base_url, db = %args.db.display(), read_only = args.read_only, "serving export files");
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut serving = tokio::spawn(server::serve(listener, router, async move {
