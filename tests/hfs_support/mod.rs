@@ -92,6 +92,9 @@ pub struct HfsOptions {
     pub digest: Option<&'static str>,
     /// `--output`, when set (`sqlite` or `local-fs`).
     pub output: Option<&'static str>,
+    /// The binary to run instead of this build's `export-store`, when set
+    /// (a copy taken at the start of a long test).
+    pub exe: Option<PathBuf>,
 }
 
 impl HfsOptions {
@@ -113,6 +116,10 @@ impl HfsOptions {
     }
     pub fn output(mut self, name: &'static str) -> Self {
         self.output = Some(name);
+        self
+    }
+    pub fn exe(mut self, path: &Path) -> Self {
+        self.exe = Some(path.to_path_buf());
         self
     }
 }
@@ -197,7 +204,10 @@ impl Hfs {
     }
 
     fn spawn(root: &Path, data_dir: &Path, options: HfsOptions) -> Hfs {
-        let exe = env!("CARGO_BIN_EXE_export-store");
+        let exe = options
+            .exe
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_export-store")));
         let log = root.join(format!("hfs-{}.log", std::process::id()));
         let log = unique(log);
         let mut args: Vec<String> = vec![
@@ -226,12 +236,12 @@ impl Hfs {
             c.arg("-c")
                 .arg(WATCHDOG)
                 .arg("sh")
-                .arg(exe)
+                .arg(&exe)
                 .env("HFS_TEST_DIR", root)
                 .stdin(Stdio::piped());
             c
         } else {
-            let mut c = Command::new(exe);
+            let mut c = Command::new(&exe);
             c.stdin(Stdio::null());
             c
         };
@@ -246,7 +256,7 @@ impl Hfs {
             .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
         let watchdog = child.stdin.take();
         let stdout = child.stdout.take().unwrap();
 
