@@ -27,7 +27,19 @@ resort. Every run starts from a copy of that folder, written back to disk
 before the server starts, so from the same fhir.db and an empty output store;
 runs alternate sqlite, local-fs, sqlite, ... Python 3 standard library only.
 
-    python3 scripts/hfs_side_by_side.py --bin target/release/export-store [--patients N] [--rounds R]
+`--workers N` (default 1) starts every run's HFS with N export workers
+(`HFS_BULK_EXPORT_WORKER_CONCURRENCY=N`; also HFS's per-tenant cap on
+running exports, `HFS_BULK_EXPORT_MAX_CONCURRENT_PER_TENANT`, 4 by default,
+raised to N when N is larger) and kicks off N system exports at once, with
+the same `_type` list: N separate jobs, which HFS 0.2.7 runs one per worker.
+All N are polled; kick-off to manifest then runs to the last job's manifest,
+claim to completion from the earliest `started_at` to the latest
+`completed_at` of the N jobs, the downloads fetch every part of every job
+(each job is checked on its own to hold every loaded resource), and the
+bytes on disk are those of all N jobs' output. With N = 1 HFS runs one
+worker (its own default is 2) and the single job is measured as above.
+
+    python3 scripts/hfs_side_by_side.py --bin target/release/export-store [--patients N] [--rounds R] [--workers N]
 """
 
 import argparse
@@ -539,6 +551,28 @@ def verify(parts, bodies, source_ids):
                        f"{len(want)}; {len(seen.get(t, set()) ^ want)} differ")
 
 
+def run_env(args):
+    """The environment of the export runs' HFS: `hfs_env` with N export
+    workers, and room for N running exports per tenant."""
+    env = hfs_env(args.rust_log)
+    env["HFS_BULK_EXPORT_WORKER_CONCURRENCY"] = str(args.workers)
+    if args.workers > 4:  # HFS refuses a tenant's kick-off beyond 4 running exports by default
+        env["HFS_BULK_EXPORT_MAX_CONCURRENT_PER_TENANT"] = str(args.workers)
+    return env
+
+
+def kick_off(url, timeout):
+    """One `$export` kick-off: the job's status URL and id."""
+    status, headers, body = http("GET", url, None, {"Accept": FHIR_JSON, "Prefer": "respond-async"},
+                                 timeout)
+    if status != 202 or not headers.get("Content-Location"):
+        raise Fail(f"kick-off {url}: HTTP {status} (Content-Location "
+                   f"{headers.get('Content-Location')!r}): {outcome_text(body)}")
+    status_url = headers["Content-Location"]
+    job_id = urllib.parse.urlsplit(status_url).path.rstrip("/").rsplit("/", 1)[-1]
+    return {"status_url": status_url, "job_id": job_id, "claimed": None, "progress": None}
+
+
 def one_run(args, work, template, mode, rnd, types, source_ids, digests):
     run_dir = os.path.join(work, f"run-{rnd}-{mode}")
     data_dir = os.path.join(run_dir, "data")
@@ -557,8 +591,9 @@ def one_run(args, work, template, mode, rnd, types, source_ids, digests):
     hfs = Server(f"export-store hfs ({mode}, round {rnd})",
                  [args.bin, "hfs", "--data-dir", data_dir, "--output", mode, "--retry-after", "1",
                   "--addr", "127.0.0.1:0"] + (["--batch-size", str(args.batch_size)] if args.batch_size else []),
-                 os.path.join(run_dir, "hfs.log"), hfs_env(args.rust_log), args.timeout_start)
+                 os.path.join(run_dir, "hfs.log"), run_env(args), args.timeout_start)
     r = {"mode": mode, "round": rnd, "sync": r_sync}
+    n = args.workers
     try:
         time.sleep(args.settle)  # let start-up work (seeding, WAL passes) finish
         st = hfs.proc_status()
@@ -567,52 +602,64 @@ def one_run(args, work, template, mode, rnd, types, source_ids, digests):
         r["rss_reset"] = hfs.reset_peak_rss()
         url = f"{hfs.base}/$export?_type={','.join(types)}"
         kick_wall, kick = time.time(), time.monotonic()
-        status, headers, body = http("GET", url, None, {"Accept": FHIR_JSON, "Prefer": "respond-async"},
-                                     args.timeout_request)
-        if status != 202 or not headers.get("Content-Location"):
-            raise Fail(f"kick-off {url}: HTTP {status} (Content-Location "
-                       f"{headers.get('Content-Location')!r}): {outcome_text(body)}")
-        status_url = headers["Content-Location"]
-        job_id = urllib.parse.urlsplit(status_url).path.rstrip("/").rsplit("/", 1)[-1]
-        claimed_seen = progress_seen = None
+        if n == 1:
+            jobs = [kick_off(url, args.timeout_request)]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                jobs = list(pool.map(lambda _: kick_off(url, args.timeout_request), range(n)))
+        job_ids = [j["job_id"] for j in jobs]
+        if len(set(job_ids)) != n:
+            raise Fail(f"{n} kick-offs gave {len(set(job_ids))} distinct jobs: {', '.join(job_ids)}")
         polls = 0
         deadline = kick + args.timeout_export
+        pending = list(jobs)
         while True:
             if time.monotonic() > deadline:
-                raise Fail(f"{mode} round {rnd}: no complete manifest {args.timeout_export:.0f} s "
+                which = f" for {len(pending)} of {n} jobs" if n > 1 else ""
+                raise Fail(f"{mode} round {rnd}: no complete manifest{which} {args.timeout_export:.0f} s "
                            f"after kick-off ({polls} polls)\n{hfs.log_tail()}")
             if hfs.proc.poll() is not None:
                 raise Fail(f"HFS exited with status {hfs.proc.returncode} during the export\n{hfs.log_tail()}")
-            asked = time.monotonic()
-            status, headers, body = http("GET", status_url, None, {"Accept": "application/json"},
-                                         args.timeout_request)
-            now = time.monotonic()
-            polls += 1
-            if status == 200:
-                done = now
-                r["manifest_request"] = now - asked
+            for j in list(pending):
+                asked = time.monotonic()
+                status, headers, body = http("GET", j["status_url"], None, {"Accept": "application/json"},
+                                             args.timeout_request)
+                now = time.monotonic()
+                polls += 1
+                if status == 200:
+                    j.update(done=now, manifest_request=now - asked, manifest=json.loads(body))
+                    pending.remove(j)
+                    continue
+                if status != 202:
+                    raise Fail(f"status {j['status_url']}: HTTP {status}: {outcome_text(body)}")
+                if j["claimed"] is None:
+                    try:
+                        params = {p["name"]: p for p in json.loads(body).get("parameter", [])}
+                        if params.get("typesTotal", {}).get("valueInteger", 0) > 0:
+                            j["claimed"] = now
+                    except (ValueError, AttributeError):
+                        pass
+                if j["progress"] is None and headers.get("X-Progress", "0%") not in ("0%", ""):
+                    j["progress"] = now
+            if not pending:
                 break
-            if status != 202:
-                raise Fail(f"status {status_url}: HTTP {status}: {outcome_text(body)}")
-            if claimed_seen is None:
-                try:
-                    params = {p["name"]: p for p in json.loads(body).get("parameter", [])}
-                    if params.get("typesTotal", {}).get("valueInteger", 0) > 0:
-                        claimed_seen = now
-                except (ValueError, AttributeError):
-                    pass
-            if progress_seen is None and headers.get("X-Progress", "0%") not in ("0%", ""):
-                progress_seen = now
             time.sleep(0.1)
+        done = max(j["done"] for j in jobs)
+        claimed_seen = min((j["claimed"] for j in jobs if j["claimed"]), default=None)
+        progress_seen = min((j["progress"] for j in jobs if j["progress"]), default=None)
+        r["manifest_request"] = max(j["manifest_request"] for j in jobs)
         cpu_export = hfs.proc_status().get("cpu", 0.0) - cpu0
-        manifest = json.loads(body)
-        parts = manifest.get("output", [])
-        if manifest.get("error"):
-            log(f"  the manifest lists {len(manifest['error'])} error file(s)")
+        parts = []
+        for k, j in enumerate(jobs):
+            j["parts"] = j["manifest"].get("output", [])
+            parts += j["parts"]
+            if j["manifest"].get("error"):
+                which = f" of job {k + 1}/{n} ({j['job_id']})" if n > 1 else ""
+                log(f"  the manifest{which} lists {len(j['manifest']['error'])} error file(s)")
         r.update(export=done - kick, claim_seen=(claimed_seen - kick) if claimed_seen else None,
                  progress_seen=(done - progress_seen) if progress_seen else None,
-                 polls=polls, parts=len(parts), cpu_export=cpu_export, job_id=job_id,
-                 kick_wall=kick_wall, done_wall=kick_wall + (done - kick))
+                 polls=polls, parts=len(parts), cpu_export=cpu_export, job_id=job_ids[0],
+                 job_ids=job_ids, kick_wall=kick_wall, done_wall=kick_wall + (done - kick))
 
         # Bytes on disk, once the store's WAL has been idle long enough to be
         # truncated.
@@ -630,23 +677,35 @@ def one_run(args, work, template, mode, rnd, types, source_ids, digests):
         r["lines"] = sum(b.count(b"\n") for b in bodies)
         if any(a != b for a, b in zip(bodies, bodies4)):
             raise Fail(f"{mode} round {rnd}: the concurrent downloads differ from the sequential ones")
-        verify(parts, bodies, source_ids)
-        h = hashlib.sha256()
-        for p, b in sorted(zip(parts, bodies), key=lambda x: x[0]["url"].rsplit("/", 1)[-1]):
-            h.update(b)
-        digests.add(h.hexdigest())
-        del bodies, bodies4
+        pos = 0
+        for k, j in enumerate(jobs):  # every job on its own holds every resource
+            job_bodies = bodies[pos:pos + len(j["parts"])]
+            pos += len(j["parts"])
+            try:
+                verify(j["parts"], job_bodies, source_ids)
+            except Fail as e:
+                if n == 1:
+                    raise
+                raise Fail(f"job {k + 1}/{n} ({j['job_id']}): {e}")
+            h = hashlib.sha256()
+            for p, b in sorted(zip(j["parts"], job_bodies), key=lambda x: x[0]["url"].rsplit("/", 1)[-1]):
+                h.update(b)
+            digests.add(h.hexdigest())
+        del bodies, bodies4, job_bodies
     except Fail as e:
         raise Fail(f"{mode} round {rnd}: {e}\nthe end of HFS's log ({hfs.log_path}):\n{hfs.log_tail()}")
     finally:
         code = hfs.stop()
     if code != 0:
         log(f"  HFS exited with status {code} after SIGTERM")
-    times = job_times(os.path.join(data_dir, "fhir.db"), job_id)
-    if times and times["started"] and times["completed"]:
-        r["claim_wait"] = times["started"] - r["kick_wall"]
-        r["claim_to_done"] = times["completed"] - times["started"]
-        r["done_to_manifest"] = r["done_wall"] - times["completed"]
+    times = [job_times(os.path.join(data_dir, "fhir.db"), i) for i in r["job_ids"]]
+    if all(t and t["started"] and t["completed"] for t in times):
+        started = min(t["started"] for t in times)
+        completed = max(t["completed"] for t in times)
+        r["claim_wait"] = started - r["kick_wall"]
+        r["claim_to_done"] = completed - started
+        r["done_to_manifest"] = r["done_wall"] - completed
+        r["jobs"] = [(t["started"] - r["kick_wall"], t["completed"] - t["started"]) for t in times]
     r["disk_after_stop"] = disk_usage(data_dir, mode)
     r["log_lines"] = summarize_log(os.path.join(run_dir, "hfs.log"), run_dir)
     if not args.keep:
@@ -698,6 +757,12 @@ def disk_total(r):
     return d["db"] + d["wal"] if r["mode"] == "sqlite" else d["files"]
 
 
+def run_shape(args):
+    """Workers, jobs and batch size in a few words, for the table's header."""
+    n, s = args.workers, "s" if args.workers > 1 else ""
+    return f"{n} worker{s}, {n} job{s}, batch {args.batch_size or '1000 (default)'}"
+
+
 def report(args, results, ndjson_src, facts):
     by = {m: [r for r in results if r["mode"] == m] for m in MODES}
     rows = [
@@ -720,9 +785,10 @@ def report(args, results, ndjson_src, facts):
         ("NDJSON downloaded", lambda r: r["ndjson"], mib),
         ("parts", lambda r: r["parts"], lambda v: f"{v:.0f}"),
     ]
-    w = 42
+    shape = run_shape(args)
+    w = max(42, len(shape) + 1)
     print()
-    print(f"{'':{w}} {'sqlite (SqliteOutputStore)':38} {'local-fs (HFS LocalFsOutputStore)':38}")
+    print(f"{shape:{w}} {'sqlite (SqliteOutputStore)':38} {'local-fs (HFS LocalFsOutputStore)':38}")
     print(f"{'':{w}} {'median [min–max]':38} {'median [min–max]':38}")
     for name, get, fmt in rows:
         cells = [fmt_range([get(r) for r in by[m]], fmt) for m in MODES]
@@ -770,6 +836,9 @@ def report(args, results, ndjson_src, facts):
     print()
     print("the export target is judged on claim → complete (HFS's own timestamps), which leaves out the up to")
     print("2 s an idle HFS worker takes to claim a job; kick-off → manifest includes it (and 0.1 s polling).")
+    if args.workers > 1:
+        print(f"with {args.workers} jobs at once, claim → complete runs from the earliest started_at to the latest")
+        print("completed_at of the jobs, kick-off → manifest to the last manifest; downloads and disk cover every job.")
     print("targets: " + "; ".join(f"{n}: {'MET' if ok else 'NOT MET'}" for n, ok in checks))
 
     print()
@@ -784,7 +853,11 @@ def report(args, results, ndjson_src, facts):
               f"  round {r['round']} {r['mode']:8} export {r['export']:.3f} s", end="")
         print(f"; downloads {r['dl_seq']:.3f} s / {r['dl_par']:.3f} s; {dtext}; "
               f"RSS {mib(r['rss'] or 0)}; CPU export {r.get('cpu_export', 0):.2f} s, "
-              f"downloads {r.get('cpu_download', 0):.2f} s; {r['polls']} polls")
+              f"downloads {r.get('cpu_download', 0):.2f} s; {r['polls']} polls", end="")
+        if args.workers > 1 and r.get("jobs"):
+            print("; jobs (claim wait / claim→complete): "
+                  + ", ".join(f"{wait:.3f}/{took:.3f} s" for wait, took in r["jobs"]), end="")
+        print()
     if not all(r.get("rss_reset") for r in results):
         print("note: /proc/PID/clear_refs was refused, so 'peak RSS, export + downloads' includes start-up")
     seen = {}
@@ -832,6 +905,8 @@ def main():
     ap.add_argument("--load", choices=("auto", "transaction", "batch", "put"), default="auto",
                     help="how to load: auto tries a transaction Bundle, then batch, then PUT per resource")
     ap.add_argument("--concurrency", type=int, default=4, help="concurrent downloads (default %(default)s)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="HFS export workers, and system exports kicked off at once (default %(default)s)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds after start-up before the kick-off")
     ap.add_argument("--disk-delay", type=float, default=2.0,
                     help="seconds after the manifest to measure the disk (default %(default)s)")
@@ -847,6 +922,8 @@ def main():
     ap.add_argument("--timeout-request", type=float, default=300)
     ap.add_argument("--timeout-download", type=float, default=600)
     args = ap.parse_args()
+    if args.workers < 1:
+        raise Fail(f"--workers {args.workers}: HFS needs at least one export worker")
     if not os.access(args.bin, os.X_OK):
         raise Fail(f"{args.bin}: no such executable (build it with `cargo build --release --features hfs`)")
     p = run_cmd([args.bin, "hfs", "--help"], 60, "export-store hfs --help")
@@ -888,8 +965,11 @@ def main():
                   f"{'' if kind != 'put' else ' / one PUT each'}) in {load_secs:.1f} s "
                   f"({n / load_secs:.0f} resources/s; not part of the comparison)")
         sz = file_size(os.path.join(template, "fhir.db")) + file_size(os.path.join(template, "fhir.db-wal"))
-        print(f"HFS fhir.db: {mib(sz)}; export: system $export?_type={','.join(types)}, "
-              f"batch size {args.batch_size or 'HFS default (1000)'}")
+        many = f"{args.workers} " if args.workers > 1 else ""
+        print(f"HFS fhir.db: {mib(sz)}; export: {many}system $export?_type={','.join(types)}"
+              f"{' at once' if args.workers > 1 else ''}, batch size {args.batch_size or 'HFS default (1000)'}, "
+              f"{args.workers} export worker{'s' if args.workers > 1 else ''} "
+              f"(HFS_BULK_EXPORT_WORKER_CONCURRENCY={args.workers})")
         sys.stdout.flush()
         del data
 
@@ -905,7 +985,8 @@ def main():
                 results.append(r)
         facts["load average (end)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"load average at the end: {facts['load average (end)']}")
-        print(f"every run exported the same NDJSON: {'yes' if len(digests) == 1 else f'NO ({len(digests)} versions)'}")
+        every = "every job of every run" if args.workers > 1 else "every run"
+        print(f"{every} exported the same NDJSON: {'yes' if len(digests) == 1 else f'NO ({len(digests)} versions)'}")
         report(args, results, n_bytes, facts)
         ok = True
     except Fail as e:
