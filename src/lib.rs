@@ -87,6 +87,9 @@
 //! `helios` (feature `helios`): with it, [`SqliteOutputStore`] implements
 //! HFS's own `helios_persistence::core::bulk_export_output::ExportOutputStore`;
 //! `helios::BACKEND_NAME` is the `backend_name` of the errors it returns.
+//! `helios::restore` checks HFS's job records (its `fhir.db`) against the
+//! store after a restore (`check_restored`, reporting a `RestoreReport`)
+//! and fails the exports whose files are missing (`fail_incomplete_exports`).
 //!
 //! ## Not API
 //!

@@ -55,12 +55,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! After a restore in which HFS's database came back from a later moment
+//! than the store (two files replicated apart, as Litestream does),
+//! [`restore::check_restored`] finds the exports HFS records as complete
+//! whose files the store lacks, and [`restore::fail_incomplete_exports`]
+//! marks them failed the way HFS marks an abandoned export.
+//!
 //! In this folder: `mod.rs` (the trait's implementation: each method calls
-//! the store's own) and `convert.rs` (keys, job ids and errors: the only
-//! place the two crates' types meet). The adapter uses the store's public
+//! the store's own), `convert.rs` (keys, job ids and errors: the only
+//! place the two crates' types meet) and `restore.rs` (the check of HFS's
+//! job records against the store). The adapter uses the store's public
 //! methods and the crate's contract, nothing else.
 
 mod convert;
+pub mod restore;
 
 use std::pin::Pin;
 use std::time::Duration;

@@ -128,6 +128,10 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let config = server_config(&args, addr)?;
 
     write_search_parameters(&args.data_dir)?;
+    // Before HFS creates it: a data folder without `fhir.db` is fresh, and
+    // has no job to check against the store.
+    let fhir_db = PathBuf::from(config.database_url.as_deref().unwrap_or("fhir.db"));
+    let fresh = !fhir_db.exists();
     let backend = Arc::new(sqlite_backend(&config)?);
     let security = security::from_env(&config, |url| {
         let mut audit_db = config.clone();
@@ -144,6 +148,10 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let workers = Workers::default();
     let (export_output, submit_output, our_output) =
         output_stores(&args, &config, security.authenticates())?;
+    if let (Some(store), false) = (&our_output, fresh) {
+        // Before any worker claims or any route serves.
+        check_restored(&fhir_db, store).await;
+    }
     let export = export_bundle(&config, &backend, export_output, &workers);
     let submit = submit_bundle(&config, &backend, submit_output, &workers)?;
 
@@ -432,6 +440,74 @@ fn output_stores(
             None,
         ),
     })
+}
+
+/// Fails each export HFS records as complete whose files the store lacks
+/// (the store was restored to an earlier moment than `fhir.db`), one
+/// warning per job; warns about bulk submissions with missing receipts. A
+/// check that cannot run is logged and the server starts anyway.
+async fn check_restored(fhir_db: &Path, store: &SqliteOutputStore) {
+    use sqlite_export_store::helios::restore;
+    let report = match restore::check_restored(fhir_db, store).await {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::warn!("could not check HFS's jobs against the output store: {e}");
+            return;
+        }
+    };
+    let failed = match restore::fail_incomplete_exports(fhir_db, &report) {
+        Ok(failed) => failed,
+        Err(e) => {
+            tracing::error!(
+                jobs = report.exports.len(),
+                "could not mark the exports whose files the output store lacks failed: {e}"
+            );
+            return;
+        }
+    };
+    for job in &failed {
+        tracing::warn!(
+            job = %job.job_id,
+            tenant = %job.tenant_id,
+            "export {} marked failed: HFS records it complete, but {} of its {} files are not \
+             in the output store ({}); the output store was restored to an earlier moment than \
+             fhir.db, and the client must start the export again",
+            job.job_id,
+            job.missing.len(),
+            job.files,
+            restore_file_list(&job.missing),
+        );
+    }
+    for sub in &report.submissions {
+        tracing::warn!(
+            tenant = %sub.tenant_id,
+            submitter = %sub.submitter,
+            submission = %sub.submission_id,
+            "bulk submission {} ({}) lists {} of its {} published files that are not in the \
+             output store ({}); the output store was restored to an earlier moment than \
+             fhir.db, and those receipts answer 404",
+            sub.submission_id,
+            sub.status,
+            sub.missing.len(),
+            sub.files,
+            restore_file_list(&sub.missing),
+        );
+    }
+    tracing::info!(
+        exports = report.exports_checked,
+        failed = failed.len(),
+        submissions = report.submissions_checked,
+        "checked HFS's complete jobs against the output store"
+    );
+}
+
+/// The missing files' names, the first 50 of them.
+fn restore_file_list(files: &[sqlite_export_store::helios::restore::MissingFile]) -> String {
+    let mut names: Vec<String> = files.iter().take(50).map(|f| f.name()).collect();
+    if files.len() > 50 {
+        names.push(format!("and {} more", files.len() - 50));
+    }
+    names.join(", ")
 }
 
 /// `/healthz`'s check of HFS's own database: its backend's health check.
