@@ -6,8 +6,12 @@
 //! writer in another process finalizes parts into the same file.
 //!
 //! Read-only files and folders are read-only bind mounts (`mount --bind`,
-//! then `mount -o remount,bind,ro`): the tests run as root, which file
-//! permissions do not stop. A test that cannot mount fails, saying so.
+//! then `mount -o remount,bind,ro`) when the tests run as root, which file
+//! permissions do not stop; a test that cannot mount then fails, saying
+//! so. Run by another user, they are the same file or folder with its
+//! write permissions taken away, reached through a hard link (a file: so
+//! that SQLite puts its `-wal` and `-shm` beside the link, as beside a
+//! mount) or a symbolic link (a folder).
 #![cfg(feature = "server")]
 
 mod clikit;
@@ -32,14 +36,28 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BASE: &str = "http://127.0.0.1:1";
 
-/// A read-only bind mount of `src` at `at`, unmounted when dropped (also
-/// when the test panics); lazily if something still holds it.
+/// `src`, read-only, at `at` (an empty file or folder): for root a
+/// read-only bind mount, unmounted when dropped (also when the test
+/// panics; lazily if something still holds it); for another user a hard
+/// link to the file or a symbolic link to the folder `src`, with its write
+/// permissions taken away, given back when dropped.
 struct ReadOnlyMount {
     at: PathBuf,
+    /// Without a mount: `src` and its permission bits before.
+    chmod: Option<(PathBuf, u32)>,
+}
+
+/// Whether the tests run as root (which only a read-only mount stops).
+fn is_root() -> bool {
+    let o = Command::new("id").arg("-u").output().expect("`id -u`");
+    String::from_utf8_lossy(&o.stdout).trim() == "0"
 }
 
 impl ReadOnlyMount {
     fn new(src: &Path, at: &Path) -> ReadOnlyMount {
+        if !is_root() {
+            return ReadOnlyMount::by_permissions(src, at);
+        }
         let mount = |args: &[&OsStr]| -> Output {
             Command::new("mount")
                 .args(args)
@@ -53,7 +71,10 @@ impl ReadOnlyMount {
              with CAP_SYS_ADMIN): `mount --bind` failed: {}",
             clikit::stderr(&o)
         );
-        let m = ReadOnlyMount { at: at.into() };
+        let m = ReadOnlyMount {
+            at: at.into(),
+            chmod: None,
+        };
         let o = mount(&["-o".as_ref(), "remount,bind,ro".as_ref(), at.as_os_str()]);
         assert!(
             o.status.success(),
@@ -70,10 +91,47 @@ impl ReadOnlyMount {
         assert_eq!(e.raw_os_error(), Some(30), "not EROFS: {e}");
         m
     }
+
+    fn by_permissions(src: &Path, at: &Path) -> ReadOnlyMount {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(src).unwrap().permissions().mode();
+        std::fs::set_permissions(src, std::fs::Permissions::from_mode(mode & !0o222)).unwrap();
+        let m = ReadOnlyMount {
+            at: at.into(),
+            chmod: Some((src.into(), mode)),
+        };
+        if at.is_dir() {
+            std::fs::remove_dir(at).unwrap();
+            std::os::unix::fs::symlink(src, at).unwrap();
+        } else {
+            std::fs::remove_file(at).unwrap();
+            std::fs::hard_link(src, at).unwrap();
+        }
+        let probe = if src.is_dir() {
+            std::fs::write(at.join("probe"), b"x")
+        } else {
+            std::fs::OpenOptions::new().append(true).open(at).map(drop)
+        };
+        let e = probe.expect_err("a write through the read-only link succeeded");
+        assert_eq!(e.raw_os_error(), Some(13), "not EACCES: {e}");
+        m
+    }
 }
 
 impl Drop for ReadOnlyMount {
     fn drop(&mut self) {
+        if let Some((src, mode)) = &self.chmod {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(src, std::fs::Permissions::from_mode(*mode));
+            // Back to what the caller made: an empty folder or file.
+            let _ = std::fs::remove_file(&self.at);
+            if src.is_dir() {
+                let _ = std::fs::create_dir(&self.at);
+            } else {
+                let _ = std::fs::write(&self.at, b"");
+            }
+            return;
+        }
         let ok = Command::new("umount")
             .arg(&self.at)
             .status()

@@ -570,18 +570,21 @@ pub(crate) fn read_only_refusal(op: &'static str) -> StorageError {
     )
 }
 
-/// Turns SQLite's "cannot open" for a read-only open into what the operator
-/// can act on when its cause is the one SQLite has for a database in WAL
-/// mode (every store's file) in a folder it may not write: it needs the
-/// `-wal` and `-shm` files beside the database, and cannot create them
-/// there. Other errors pass unchanged.
+/// Turns SQLite's "cannot open" (a read-only file system) or "read-only"
+/// (a folder whose permissions forbid creating files) for a read-only open
+/// into what the operator can act on when its cause is the one SQLite has
+/// for a database in WAL mode (every store's file) in a folder it may not
+/// write: it needs the `-wal` and `-shm` files beside the database, and
+/// cannot create them there. Other errors pass unchanged.
 fn explain_read_only_failure(path: &Path, e: StorageError) -> StorageError {
     use std::io::Read;
-    let cannot_open = std::error::Error::source(&e)
+    let code = std::error::Error::source(&e)
         .and_then(|s| s.downcast_ref::<rusqlite::Error>())
-        .and_then(rusqlite::Error::sqlite_error_code)
-        == Some(rusqlite::ErrorCode::CannotOpen);
-    if !cannot_open {
+        .and_then(rusqlite::Error::sqlite_error_code);
+    if !matches!(
+        code,
+        Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+    ) {
         return e;
     }
     // Bytes 18 and 19 of the header are 2 for a database in WAL mode.
