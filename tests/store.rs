@@ -783,19 +783,7 @@ async fn the_last_chunk_published_with_its_part_reads_back_whole() {
         );
         assert!(read_all(&store, &key).await.unwrap() == data, "{what}");
     }
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    let mut stmt = conn.prepare("SELECT raw_len, frame FROM chunks").unwrap();
-    let frames: Vec<(u64, Vec<u8>)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    for (raw_len, frame) in &frames {
-        assert_eq!(
-            zstd::zstd_safe::get_frame_content_size(frame).ok(),
-            Some(Some(*raw_len))
-        );
-    }
+    stored_frames_declare_their_lengths(&db);
     let report = store.verify().await.unwrap();
     assert_eq!(report.parts_checked, cases.len() as u64);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -843,23 +831,29 @@ async fn chunks_compressed_while_a_slow_producer_writes_read_back_whole() {
             assert!(read_all(&store, &key).await.unwrap() == data, "{what}");
         }
     }
-    // Every stored frame declares the length its row records.
-    let conn = rusqlite::Connection::open(&db).unwrap();
+    let frames = stored_frames_declare_their_lengths(&db);
+    assert!(frames > 20, "{frames} frames");
+    let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.parts_checked, n as u64);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Checks that every chunk stored in the file at `db` is a zstd frame that
+/// declares the raw length its row records; returns how many there are.
+fn stored_frames_declare_their_lengths(db: &std::path::Path) -> usize {
+    let conn = rusqlite::Connection::open(db).unwrap();
     let mut stmt = conn.prepare("SELECT raw_len, frame FROM chunks").unwrap();
     let frames: Vec<(u64, Vec<u8>)> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert!(frames.len() > 20, "{} frames", frames.len());
     for (raw_len, frame) in &frames {
         assert_eq!(
             zstd::zstd_safe::get_frame_content_size(frame).ok(),
             Some(Some(*raw_len))
         );
     }
-    let store = SqliteOutputStore::open(&db, "http://127.0.0.1:8080").unwrap();
-    let report = store.verify().await.unwrap();
-    assert_eq!(report.parts_checked, n as u64);
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    frames.len()
 }

@@ -169,15 +169,12 @@ impl Db {
 
         // Read connections never create the file: one that vanished must not
         // come back empty under the store.
-        let manager = SqliteConnectionManager::file(path)
-            .with_flags(open_flags() - OpenFlags::SQLITE_OPEN_CREATE)
-            .with_init(move |c| schema::configure(c, busy));
-        let pool = r2d2::Pool::builder()
-            .max_size(options.pool_size)
-            .min_idle(Some(0))
-            .connection_timeout(busy.max(Duration::from_secs(1)) * 2)
-            .build(manager)
-            .map_err(|e| from_pool(op, e))?;
+        let pool = read_pool(
+            path,
+            open_flags() - OpenFlags::SQLITE_OPEN_CREATE,
+            options,
+            op,
+        )?;
 
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let discards = std::sync::Arc::new(Mutex::new(Vec::new()));
@@ -252,15 +249,7 @@ impl Db {
         if let Err(e) = checked {
             return Err(explain_read_only_failure(path, e));
         }
-        let manager = SqliteConnectionManager::file(path)
-            .with_flags(flags)
-            .with_init(move |c| schema::configure(c, busy));
-        let pool = r2d2::Pool::builder()
-            .max_size(options.pool_size)
-            .min_idle(Some(0))
-            .connection_timeout(busy.max(Duration::from_secs(1)) * 2)
-            .build(manager)
-            .map_err(|e| from_pool(op, e))?;
+        let pool = read_pool(path, flags, options, op)?;
         Ok(Db {
             pool,
             queue: None,
@@ -531,6 +520,27 @@ impl Drop for Db {
             let _ = t.join();
         }
     }
+}
+
+/// The read pool of the database at `path`: connections opened with
+/// `flags`, configured as every connection of the store is, up to
+/// `options`' pool size.
+fn read_pool(
+    path: &Path,
+    flags: OpenFlags,
+    options: &StoreOptions,
+    op: &'static str,
+) -> StorageResult<r2d2::Pool<SqliteConnectionManager>> {
+    let busy = options.busy_timeout;
+    let manager = SqliteConnectionManager::file(path)
+        .with_flags(flags)
+        .with_init(move |c| schema::configure(c, busy));
+    r2d2::Pool::builder()
+        .max_size(options.pool_size)
+        .min_idle(Some(0))
+        .connection_timeout(busy.max(Duration::from_secs(1)) * 2)
+        .build(manager)
+        .map_err(|e| from_pool(op, e))
 }
 
 /// Runs `f` with a pooled connection on the current (blocking) thread.
