@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use litestream_support::Replication;
+use litestream_support::{quantile, Replication};
 use sqlite_export_store::{
     Checkpoints, ExportJobId, ExportOutputStore, ExportPartKey, PartFilter, SqliteOutputStore,
     StoreOptions,
@@ -228,15 +228,6 @@ struct Figures {
     ltx_levels: BTreeMap<u32, (usize, u64)>,
     restore: Option<(Duration, u64)>,
     wall: Duration,
-}
-
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 fn ms(d: Duration) -> String {

@@ -48,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hfs_support::*;
-use litestream_support::{Replication, Settings, BUCKET};
+use litestream_support::{quantile, Replication, Settings, BUCKET};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -301,15 +301,6 @@ struct LagFigures {
     unreplicated: usize,
     ltx_files: usize,
     errors: Vec<String>,
-}
-
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 fn ms(d: Duration) -> String {

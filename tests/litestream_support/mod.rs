@@ -680,3 +680,13 @@ fn dechunk(body: &str) -> String {
     }
     out
 }
+
+/// The `q` quantile (0 to 1) of `v`, the nearest sample; zero when empty.
+pub fn quantile(v: &[Duration], q: f64) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
