@@ -141,13 +141,7 @@ fn apply_pending(conn: &mut Connection) -> StorageResult<()> {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql)?;
         if version > SCHEMA_VERSION {
-            return Err(StorageError::invalid(
-                op,
-                format!(
-                    "the database has schema version {version}, newer than the {SCHEMA_VERSION} \
-                     this build of sqlite-export-store knows; upgrade the software to open it"
-                ),
-            ));
+            return Err(too_new(op, version));
         }
         if version == SCHEMA_VERSION {
             return Ok(());
@@ -199,13 +193,7 @@ pub fn check_read_only(conn: &Connection) -> StorageResult<()> {
         ));
     }
     if version > SCHEMA_VERSION {
-        return Err(StorageError::invalid(
-            op,
-            format!(
-                "the database has schema version {version}, newer than the {SCHEMA_VERSION} \
-                 this build of sqlite-export-store knows; upgrade the software to open it"
-            ),
-        ));
+        return Err(too_new(op, version));
     }
     if version < SCHEMA_VERSION {
         return Err(StorageError::invalid(
@@ -218,6 +206,17 @@ pub fn check_read_only(conn: &Connection) -> StorageResult<()> {
         ));
     }
     Ok(())
+}
+
+/// The refusal of a file whose schema `version` is newer than this build's.
+fn too_new(op: &'static str, version: u32) -> StorageError {
+    StorageError::invalid(
+        op,
+        format!(
+            "the database has schema version {version}, newer than the {SCHEMA_VERSION} \
+             this build of sqlite-export-store knows; upgrade the software to open it"
+        ),
+    )
 }
 
 #[cfg(test)]
