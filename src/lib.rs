@@ -138,6 +138,7 @@ pub use store::listing::{
 pub use store::maintenance::{
     SpaceReport, SpaceStats, VerifyProblem, VerifyProgress, VerifyReport, JOB_FENCE_MIN_AGE,
 };
+pub use store::mirror::{MirrorReport, MIRROR_BATCH_BYTES};
 pub use store::options::{
     Checkpoints, StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE,
 };

@@ -215,40 +215,8 @@ impl Db {
     /// file; a write asked of it is refused by [`Db::sender`].
     pub fn open_read_only(path: &Path, options: &StoreOptions) -> StorageResult<Db> {
         let op = "open";
-        let busy = options.busy_timeout;
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_dir() => {
-                return Err(StorageError::invalid(
-                    op,
-                    "the path is a folder, not a store's database file",
-                ))
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StorageError::not_found(
-                    op,
-                    "there is no database file at this path (a read-only open never creates one)",
-                )
-                .with_source(e))
-            }
-            Err(e) => {
-                return Err(StorageError::internal(
-                    op,
-                    format!("the database file cannot be examined ({})", e.kind()),
-                )
-                .with_source(e))
-            }
-        }
+        open_checked_read_only(path, options.busy_timeout, op)?;
         let flags = read_only_flags();
-        let checked = Connection::open_with_flags(path, flags)
-            .map_err(|e| from_sqlite(op, e))
-            .and_then(|conn| {
-                schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
-                schema::check_read_only(&conn)
-            });
-        if let Err(e) = checked {
-            return Err(explain_read_only_failure(path, e));
-        }
         let pool = read_pool(path, flags, options, op)?;
         Ok(Db {
             pool,
@@ -260,6 +228,12 @@ impl Db {
             overflow: Default::default(),
             read_only: true,
         })
+    }
+
+    /// Whether `path` names this database's own file (the same device and
+    /// inode, whatever the path's spelling).
+    pub fn is_same_file(&self, path: &Path) -> bool {
+        matches!((&self.file, file_id(path)), (Some((_, id)), Some(other)) if *id == other)
     }
 
     /// Whether the database was opened read-only.
@@ -565,6 +539,48 @@ fn file_id(path: &Path) -> Option<FileId> {
 #[cfg(not(unix))]
 fn file_id(_path: &Path) -> Option<FileId> {
     None
+}
+
+/// One connection, read-only, to the store file at `path`, checked as a
+/// read-only open checks it: a file (not a folder) that exists, holds a
+/// store, and has this build's schema version. Failures explain
+/// themselves, as [`Db::open_read_only`]'s do.
+pub(crate) fn open_checked_read_only(
+    path: &Path,
+    busy: Duration,
+    op: &'static str,
+) -> StorageResult<Connection> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            return Err(StorageError::invalid(
+                op,
+                "the path is a folder, not a store's database file",
+            ))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StorageError::not_found(
+                op,
+                "there is no database file at this path (a read-only open never creates one)",
+            )
+            .with_source(e))
+        }
+        Err(e) => {
+            return Err(StorageError::internal(
+                op,
+                format!("the database file cannot be examined ({})", e.kind()),
+            )
+            .with_source(e))
+        }
+    }
+    let checked = Connection::open_with_flags(path, read_only_flags())
+        .map_err(|e| from_sqlite(op, e))
+        .and_then(|conn| {
+            schema::configure(&conn, busy).map_err(|e| from_sqlite(op, e))?;
+            schema::check_read_only(&conn)?;
+            Ok(conn)
+        });
+    checked.map_err(|e| explain_read_only_failure(path, e))
 }
 
 /// The flags of a read-only store's connections: never create, never write.

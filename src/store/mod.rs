@@ -8,8 +8,9 @@
 //!   with writers and readers from [`writer`] and [`reader`]),
 //!   `finalize.rs` (sealing writers and publishing their parts, one at a
 //!   time or several in one transaction), `maintenance.rs` (the operator's
-//!   methods: reclaim, prune, verify, space) and `backup.rs` (the online
-//!   copy);
+//!   methods: reclaim, prune, verify, space), `backup.rs` (the online
+//!   copy) and `mirror.rs` (a replica's parts kept equal to another store
+//!   file's, part by part, checked);
 //! - the streams: `writer.rs` (the staging `AsyncWrite`), `reader.rs`
 //!   (the verifying `AsyncRead`) and `chunk.rs` (one stored chunk read
 //!   back, for the reader, verify and downloads);
@@ -40,6 +41,7 @@ pub(crate) mod failpoint;
 pub(crate) mod finalize;
 pub(crate) mod listing;
 pub(crate) mod maintenance;
+pub(crate) mod mirror;
 pub(crate) mod options;
 mod reader;
 pub(crate) mod schema;

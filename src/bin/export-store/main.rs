@@ -19,6 +19,8 @@ mod hfs;
 mod import;
 mod ls;
 mod manifest;
+#[cfg(feature = "server")]
+mod mirror;
 mod ops;
 mod partname;
 #[cfg(feature = "server")]
@@ -78,6 +80,12 @@ enum Command {
     Backup(backup::Args),
     /// Measure the store beside its baselines and print one table.
     Bench(bench::Args),
+    /// Keep a replica store's finished parts equal to another store file's
+    /// (e.g. the copy `litestream restore -f` keeps current), pass after
+    /// pass, each part checked before it appears, for `serve --read-only`
+    /// (--once: one pass; exit status 3: some part failed its check).
+    #[cfg(feature = "server")]
+    Mirror(mirror::Args),
     /// `hfs` in a build without the `hfs` feature: says how to get it.
     #[cfg(not(feature = "hfs"))]
     #[command(hide = true)]
@@ -90,6 +98,10 @@ enum Command {
     #[cfg(not(feature = "s3"))]
     #[command(hide = true)]
     Copy(NotBuilt),
+    /// `mirror` in a build without the `server` feature.
+    #[cfg(not(feature = "server"))]
+    #[command(hide = true)]
+    Mirror(NotBuilt),
 }
 
 /// The arguments of a command this build leaves out, whatever they are.
@@ -184,6 +196,8 @@ fn main() -> ExitCode {
         Command::Import(a) => import::run(a),
         Command::Backup(a) => backup::run(a),
         Command::Bench(a) => bench::run(a),
+        #[cfg(feature = "server")]
+        Command::Mirror(a) => mirror::run(a),
         #[cfg(feature = "s3")]
         Command::Copy(a) => copy::run(a),
         #[cfg(not(feature = "hfs"))]
@@ -192,6 +206,8 @@ fn main() -> ExitCode {
         Command::Serve(_) => not_built("serve", "server"),
         #[cfg(not(feature = "s3"))]
         Command::Copy(_) => not_built("copy", "s3"),
+        #[cfg(not(feature = "server"))]
+        Command::Mirror(_) => not_built("mirror", "server"),
     };
     match result {
         Ok(code) => code,

@@ -250,7 +250,7 @@ pub(crate) fn plural(n: u64) -> &'static str {
 }
 
 /// Parses `90s`, `30m`, `1h`, `2d`, `500ms`, `1h30m`, `0s`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let bad = || format!("{s:?} is not a duration like 90s, 30m, 1h or 1h30m");
     let mut total = Duration::ZERO;
     let mut rest = s.trim();
@@ -281,7 +281,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-fn show_duration(d: Duration) -> String {
+pub(crate) fn show_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0 => format!("{} ms", d.as_millis()),
