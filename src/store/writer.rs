@@ -28,8 +28,13 @@
 //! is handed to a chunk worker at once and compressed into the chunk's
 //! frame as a streamed zstd frame ([`codec::StreamCompressor`]); at
 //! finalize only the last piece is left. `finalize_part` compresses that
-//! piece on its own thread (at most [`INLINE_LAST`] bytes; more go to a
-//! chunk worker) and keeps the chunk for its publishing transaction, which
+//! piece on its own thread (at most [`INLINE_LAST`] bytes). When more is
+//! left, because the producer wrote faster than one job compresses (HFS
+//! writes each batch at once, after making it), the chunk is cut in two:
+//! the frame's job ends it with the pieces at the front of its queue and
+//! a second chunk worker compresses the rest as one more chunk, both at
+//! once ([`PartSink::split_last`]). `finalize_part` keeps the part's last
+//! chunk for its publishing transaction, which
 //! stores it beside the flip to finished: one commit and one fsync per
 //! part, and no hand-off to a worker or the writer thread but the commit's
 //! own. The frame is the same as a chunk
@@ -703,9 +708,103 @@ impl PartSink {
         Ok(true)
     }
 
+    /// Ends the current chunk early and sends what is left of it to a
+    /// second chunk worker as one more chunk, held for the publishing
+    /// transaction, when more than [`INLINE_LAST`] bytes of the chunk are
+    /// still to compress (pieces waiting for the frame's job, and the
+    /// buffer): a producer that wrote the part at once (HFS writes a batch
+    /// it made before) would otherwise leave the whole remainder to the one
+    /// job that compresses the frame while its finalize waits. The pieces
+    /// at the back of the frame's queue, and the buffer, go to the new
+    /// chunk until both halves are about even; the frame ends with the
+    /// rest and is queued for the store as usual. Both run at once, on two
+    /// cores. Returns whether it did (it needs two chunk slots at once);
+    /// if not, the chunk goes to one worker as usual.
+    fn split_last(&mut self) -> bool {
+        let Some(frame) = self.frame.clone() else {
+            return false;
+        };
+        let pending: usize =
+            frame.state().pieces.iter().map(Vec::len).sum::<usize>() + self.buf.len();
+        if pending <= INLINE_LAST {
+            return false;
+        }
+        let slots = compressor::writer_slots();
+        let (Ok(a), Ok(b)) = (
+            slots.clone().try_acquire_owned(),
+            slots.clone().try_acquire_owned(),
+        ) else {
+            return false;
+        };
+        // The back of the frame's queue moves to the tail chunk while that
+        // evens the two out.
+        let mut moved: VecDeque<Vec<u8>> = VecDeque::new();
+        let mut tail = self.buf.len();
+        let raw_offset = self.dispatched_bytes;
+        let (done, task) = oneshot::channel();
+        {
+            let mut st = frame.state();
+            let mut queued: usize = st.pieces.iter().map(Vec::len).sum();
+            let mut take = 0;
+            for b in st.pieces.iter().rev().map(Vec::len) {
+                if queued <= tail || tail + b >= queued {
+                    break;
+                }
+                queued -= b;
+                tail += b;
+                take += 1;
+            }
+            // Too little for a second worker: the frame's job takes it all.
+            if tail < PIECE / 2 {
+                return false;
+            }
+            for _ in 0..take {
+                moved.push_front(st.pieces.pop_back().expect("counted"));
+            }
+            st.end = Some(FrameEnd {
+                db: self.db.clone(),
+                runtime: self.runtime.clone(),
+                part_id: self.part_id,
+                seq: self.next_seq,
+                raw_offset,
+                hold: false,
+                done,
+            });
+        }
+        let moved_bytes: usize = moved.iter().map(Vec::len).sum();
+        let frame_len = self.chunk_fill - moved_bytes;
+        self.next_seq += 1;
+        self.dispatched_bytes += frame_len as u64;
+        self.chunk_fill = 0;
+        self.frame = None;
+        self.submit_pieces(frame, a);
+        self.in_flight.push_back(task);
+        let mut raw = codec::take_buffer(moved_bytes + self.buf.len());
+        for piece in moved {
+            raw.extend_from_slice(&piece);
+            recycle_piece(piece);
+        }
+        raw.extend_from_slice(&self.buf);
+        self.buf.clear();
+        self.dispatch_raw(raw, moved_bytes, b, true);
+        true
+    }
+
     /// Sends the buffered bytes off as one whole chunk, in `slot`.
     fn dispatch_chunk(&mut self, slot: OwnedSemaphorePermit, hold: bool) {
         let raw = std::mem::replace(&mut self.buf, codec::take_buffer(self.cfg.chunk_size));
+        self.dispatch_raw(raw, 0, slot, hold);
+    }
+
+    /// Sends `raw` off as one whole chunk, in `slot`; its first `hashed`
+    /// bytes are already in the part's digest (pieces handed off earlier).
+    fn dispatch_raw(
+        &mut self,
+        raw: Vec<u8>,
+        hashed: usize,
+        slot: OwnedSemaphorePermit,
+        hold: bool,
+    ) {
         let args = (self.part_id, self.next_seq, self.dispatched_bytes);
         self.next_seq += 1;
         self.dispatched_bytes += raw.len() as u64;
@@ -719,10 +818,11 @@ impl PartSink {
         // A part is hashed apart only if its chunk size is a subtree's, and
         // then every chunk but a short first one (a part of one chunk) is
         // a subtree: a part never mixes the two ways.
-        let apart = digest::tree_compatible(self.cfg.chunk_size)
+        let apart = hashed == 0
+            && digest::tree_compatible(self.cfg.chunk_size)
             && digest::hashes_apart(algorithm, args.2, raw.len());
         if !apart {
-            self.hash_in_order(&raw);
+            self.hash_in_order(&raw[hashed..]);
         }
         let runtime = self.runtime.clone();
         let (done, task) = oneshot::channel();
@@ -1006,7 +1106,9 @@ impl AsyncWrite for PartSink {
             let hold = this
                 .registry
                 .with(|m| m.get(&addr).is_some_and(|r| r.hold_last));
-            if !(hold && this.slot_wait.is_none() && this.hold_last_inline()?) {
+            let done =
+                hold && this.slot_wait.is_none() && (this.hold_last_inline()? || this.split_last());
+            if !done {
                 ready!(this.poll_dispatch(cx, hold))?;
             }
         }
