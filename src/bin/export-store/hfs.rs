@@ -13,6 +13,7 @@
 //! `--metrics-addr` (see `watch.rs`).
 
 mod security;
+mod synced;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,10 @@ pub enum Output {
     /// HFS's own `LocalFsOutputStore`, in `DATA_DIR/export-files` and
     /// `DATA_DIR/submit-files`.
     LocalFs,
+    /// `LocalFsOutputStore` with each finalized file and its folder
+    /// fsynced before the finalize returns: a measuring baseline, the cost
+    /// of durable files.
+    LocalFsSynced,
 }
 
 /// Arguments of `export-store hfs`.
@@ -425,20 +430,22 @@ fn output_stores(
                 Some(store),
             )
         }
-        Output::LocalFs => (
-            Arc::new(
-                LocalFsOutputStore::new(
-                    path_str(&args.data_dir.join("export-files"))?,
-                    base.clone(),
+        Output::LocalFs | Output::LocalFsSynced => {
+            let exports = args.data_dir.join("export-files");
+            let submits = args.data_dir.join("submit-files");
+            let export_store = LocalFsOutputStore::new(path_str(&exports)?, base.clone())
+                .with_access_token_required(export_token);
+            let submit_store = LocalFsOutputStore::new(path_str(&submits)?, base);
+            if args.output == Output::LocalFsSynced {
+                (
+                    Arc::new(synced::SyncedLocalFs::new(export_store, exports)),
+                    Arc::new(synced::SyncedLocalFs::new(submit_store, submits)),
+                    None,
                 )
-                .with_access_token_required(export_token),
-            ),
-            Arc::new(LocalFsOutputStore::new(
-                path_str(&args.data_dir.join("submit-files"))?,
-                base,
-            )),
-            None,
-        ),
+            } else {
+                (Arc::new(export_store), Arc::new(submit_store), None)
+            }
+        }
     })
 }
 
