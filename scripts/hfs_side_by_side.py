@@ -2,9 +2,20 @@
 """HFS's bulk $export through SqliteOutputStore beside HFS's own local-fs store.
 
 Runs the real Helios FHIR Server (`export-store hfs`, feature `hfs`) on the
-same FHIR data twice per round, once with `--output sqlite` (this crate's
-store) and once with `--output local-fs` (HFS's LocalFsOutputStore), and
-prints one table:
+same FHIR data once per output mode per round and prints one table with a
+column per mode. The modes (`--modes`, comma-separated, default
+`sqlite,local-fs`; sqlite and at least one other):
+
+- `sqlite`: `--output sqlite`, this crate's SqliteOutputStore;
+- `local-fs`: `--output local-fs`, HFS's LocalFsOutputStore, which never
+  fsyncs;
+- `local-fs-synced`: `--output local-fs-synced`, HFS's LocalFsOutputStore
+  with each finalized file and its folder fsynced after finalize: the cost of
+  durable files, as a baseline. Its files go where local-fs puts them.
+
+Beside the columns, the table gives the ratios sqlite / each other mode,
+as the median [min–max] of per-round pairs; the targets (MET / NOT MET) are
+judged on sqlite / local-fs only. It measures:
 
 - export time: kick-off to complete manifest as a client sees it (polling
   every 0.1 s, ignoring Retry-After), which includes the idle worker's claim
@@ -14,7 +25,7 @@ prints one table:
   one at a time and four at once, with every line parsed and counted;
 - bytes on disk about 2 s after the manifest (the store truncates its WAL
   after 1 s idle): the output db + `-wal` (+ `-shm` shown apart) against the
-  total size of DATA_DIR/export-files;
+  total size of DATA_DIR/export-files (local-fs and local-fs-synced);
 - the server's peak RSS (VmHWM, reset after start-up) and CPU time.
 
 The data is the crate's seeded synthetic FHIR R4 export (`export-store demo`,
@@ -25,7 +36,9 @@ conditional references such as `Practitioner?identifier=...` in transactions
 only, and the data holds no Practitioner), one PUT per resource as the last
 resort. Every run starts from a copy of that folder, written back to disk
 before the server starts, so from the same fhir.db and an empty output store;
-runs alternate sqlite, local-fs, sqlite, ... Python 3 standard library only.
+runs alternate through the chosen modes in their order, every mode once per
+round (sqlite, local-fs, sqlite, local-fs, ... by default). Python 3 standard
+library only.
 
 `--workers N` (default 1) starts every run's HFS with N export workers
 (`HFS_BULK_EXPORT_WORKER_CONCURRENCY=N`; also HFS's per-tenant cap on
@@ -40,6 +53,7 @@ bytes on disk are those of all N jobs' output. With N = 1 HFS runs one
 worker (its own default is 2) and the single job is measured as above.
 
     python3 scripts/hfs_side_by_side.py --bin target/release/export-store [--patients N] [--rounds R] [--workers N]
+        [--modes sqlite,local-fs,local-fs-synced]
 """
 
 import argparse
@@ -72,7 +86,15 @@ LOAD_ORDER = [
     "MedicationRequest", "Procedure", "Immunization", "AllergyIntolerance",
     "DocumentReference",
 ]
-MODES = ("sqlite", "local-fs")
+# The output modes `--modes` may choose from (`export-store hfs --output`),
+# with their column headings; sqlite is always run, every ratio is sqlite / X.
+MODES = ("sqlite", "local-fs", "local-fs-synced")
+MODE_LABELS = {
+    "sqlite": "sqlite (SqliteOutputStore)",
+    "local-fs": "local-fs (HFS LocalFsOutputStore)",
+    "local-fs-synced": "local-fs-synced (LocalFs + fsync)",
+}
+DEFAULT_MODES = "sqlite,local-fs"
 FHIR_JSON = "application/fhir+json"
 
 # urllib without any proxy from the environment: every request here goes to
@@ -584,7 +606,7 @@ def one_run(args, work, template, mode, rnd, types, source_ids, digests):
     shutil.copytree(template, data_dir)
     # Write the copy back now: left to the kernel's writeback it would be
     # hundreds of MB queued in front of the run's first fsyncs, which only
-    # the sqlite store makes.
+    # the sqlite store and local-fs-synced make.
     t = time.monotonic()
     os.sync()
     r_sync = time.monotonic() - t
@@ -764,7 +786,11 @@ def run_shape(args):
 
 
 def report(args, results, ndjson_src, facts):
-    by = {m: [r for r in results if r["mode"] == m] for m in MODES}
+    modes = list(args.modes)
+    by = {m: [r for r in results if r["mode"] == m] for m in modes}
+    files_modes = [m for m in modes if m != "sqlite"]
+    disk_name = ("disk (sqlite: db + WAL; local-fs: files)" if files_modes == ["local-fs"]
+                 else "disk (sqlite: db + WAL; others: files)")
     rows = [
         ("export: kick-off → manifest", lambda r: r["export"], secs),
         ("export: claim → complete (fhir.db)", lambda r: r.get("claim_to_done"), secs),
@@ -776,7 +802,7 @@ def report(args, results, ndjson_src, facts):
         ("download, sequential", lambda r: r["dl_seq"], secs),
         (f"download, {args.concurrency} at once", lambda r: r["dl_par"], secs),
         ("  server CPU during downloads", lambda r: r.get("cpu_download"), secs),
-        ("disk (sqlite: db + WAL; local-fs: files)", disk_total, mib),
+        (disk_name, disk_total, mib),
         ("  of which -wal (sqlite)", lambda r: r["disk"]["wal"] if r["mode"] == "sqlite" else None, mib),
         ("  -shm, not counted (sqlite)", lambda r: r["disk"]["shm"] if r["mode"] == "sqlite" else None, mib),
         ("  after SIGTERM", lambda r: sum(v for k, v in r["disk_after_stop"].items() if k != "count"), mib),
@@ -788,69 +814,80 @@ def report(args, results, ndjson_src, facts):
     shape = run_shape(args)
     w = max(42, len(shape) + 1)
     print()
-    print(f"{shape:{w}} {'sqlite (SqliteOutputStore)':38} {'local-fs (HFS LocalFsOutputStore)':38}")
-    print(f"{'':{w}} {'median [min–max]':38} {'median [min–max]':38}")
+    print(f"{shape:{w}} " + " ".join(f"{MODE_LABELS.get(m, m):38}" for m in modes))
+    print(f"{'':{w}} " + " ".join(f"{'median [min–max]':38}" for m in modes))
     for name, get, fmt in rows:
-        cells = [fmt_range([get(r) for r in by[m]], fmt) for m in MODES]
-        print(f"{name:{w}} {cells[0]:38} {cells[1]:38}")
+        cells = [fmt_range([get(r) for r in by[m]], fmt) for m in modes]
+        print(f"{name:{w}} " + " ".join(f"{c:38}" for c in cells))
 
-    pairs = [(s, l) for s in by["sqlite"] for l in by["local-fs"] if s["round"] == l["round"]]
-
-    def pair_ratio(get):
-        vals = [get(s) / get(l) for s, l in pairs if get(s) is not None and get(l)]
-        return (statistics.median(vals), min(vals), max(vals)) if vals else None
-
-    print()
-    print(f"ratios sqlite / local-fs (median of {len(pairs)} per-round pairs [min–max]):")
     checks = []
+    for other in files_modes:
+        # The targets are set against HFS's own store as it ships (local-fs);
+        # against the other modes the same ratios are shown without them.
+        targeted = other == "local-fs"
+        pairs = [(s, o) for s in by["sqlite"] for o in by[other] if s["round"] == o["round"]]
 
-    def ratio_line(name, get, target=None, invert=False):
-        rr = pair_ratio(get)
-        if rr is None:
-            print(f"  {name:40} n/a")
-            return
-        med, lo, hi = rr
-        text = f"  {name:40} {ratio(med)} [{ratio(lo)}–{ratio(hi)}]"
-        if target is not None:
-            if invert:
-                ok = med > 0 and 1 / med >= target
-                text += f"   local-fs / sqlite = {1 / med:.1f}×; target ≥ {target:g}×: {'MET' if ok else 'NOT MET'}"
-            else:
-                ok = med <= target
-                text += f"   target ≤ {target:g}×: {'MET' if ok else 'NOT MET'}"
-            checks.append((name, ok))
-        print(text)
+        def pair_ratio(get, pairs=pairs):
+            vals = [get(s) / get(o) for s, o in pairs if get(s) is not None and get(o)]
+            return (statistics.median(vals), min(vals), max(vals)) if vals else None
 
-    ratio_line("export, claim → complete", lambda r: r.get("claim_to_done"), 1.05)
-    ratio_line("export, kick-off → manifest", lambda r: r["export"])
-    ratio_line("export, first progress → manifest", lambda r: r.get("progress_seen"))
-    ratio_line("server CPU during export", lambda r: r.get("cpu_export"))
-    ratio_line("download, sequential", lambda r: r["dl_seq"], 1.25)
-    ratio_line(f"download, {args.concurrency} at once", lambda r: r["dl_par"], 1.25)
-    ratio_line("disk (db + WAL vs files)", disk_total, 10, invert=True)
-    ratio_line("peak RSS, export + downloads", lambda r: r.get("rss"))
+        print()
+        print(f"ratios sqlite / {other} (median of {len(pairs)} per-round pairs [min–max]):")
+
+        def ratio_line(name, get, target=None, invert=False, pair_ratio=pair_ratio, targeted=targeted):
+            rr = pair_ratio(get)
+            if rr is None:
+                print(f"  {name:40} n/a")
+                return
+            med, lo, hi = rr
+            text = f"  {name:40} {ratio(med)} [{ratio(lo)}–{ratio(hi)}]"
+            if target is not None and targeted:
+                if invert:
+                    ok = med > 0 and 1 / med >= target
+                    text += f"   local-fs / sqlite = {1 / med:.1f}×; target ≥ {target:g}×: {'MET' if ok else 'NOT MET'}"
+                else:
+                    ok = med <= target
+                    text += f"   target ≤ {target:g}×: {'MET' if ok else 'NOT MET'}"
+                checks.append((name, ok))
+            elif invert and med > 0:
+                text += f"   {other} / sqlite = {1 / med:.1f}×"
+            print(text)
+
+        ratio_line("export, claim → complete", lambda r: r.get("claim_to_done"), 1.05)
+        ratio_line("export, kick-off → manifest", lambda r: r["export"])
+        ratio_line("export, first progress → manifest", lambda r: r.get("progress_seen"))
+        ratio_line("server CPU during export", lambda r: r.get("cpu_export"))
+        ratio_line("download, sequential", lambda r: r["dl_seq"], 1.25)
+        ratio_line(f"download, {args.concurrency} at once", lambda r: r["dl_par"], 1.25)
+        ratio_line("disk (db + WAL vs files)", disk_total, 10, invert=True)
+        ratio_line("peak RSS, export + downloads", lambda r: r.get("rss"))
     s_disk = [disk_total(r) for r in by["sqlite"]]
     if s_disk and ndjson_src:
         nd = statistics.median([r["ndjson"] for r in by["sqlite"]])
         print(f"  {'NDJSON / sqlite db + WAL':40} {nd / statistics.median(s_disk):.1f}×")
     print()
-    print("the export target is judged on claim → complete (HFS's own timestamps), which leaves out the up to")
-    print("2 s an idle HFS worker takes to claim a job; kick-off → manifest includes it (and 0.1 s polling).")
+    if "local-fs" in modes:
+        print("the export target is judged on claim → complete (HFS's own timestamps), which leaves out the up to")
+        print("2 s an idle HFS worker takes to claim a job; kick-off → manifest includes it (and 0.1 s polling).")
     if args.workers > 1:
         print(f"with {args.workers} jobs at once, claim → complete runs from the earliest started_at to the latest")
         print("completed_at of the jobs, kick-off → manifest to the last manifest; downloads and disk cover every job.")
-    print("targets: " + "; ".join(f"{n}: {'MET' if ok else 'NOT MET'}" for n, ok in checks))
+    if "local-fs" in modes:
+        print("targets: " + "; ".join(f"{n}: {'MET' if ok else 'NOT MET'}" for n, ok in checks))
+    else:
+        print("targets: not judged (they are set against local-fs, which was not among --modes)")
 
     print()
     print("per run:")
+    mw = max([8] + [len(r["mode"]) for r in results])
     for r in results:
         d = r["disk"]
         dtext = (f"db {d['db']} + wal {d['wal']} (shm {d['shm']})" if r["mode"] == "sqlite"
                  else f"{d['count']} files, {d['files']} B")
         cl = r.get("claim_to_done")
-        print(f"  round {r['round']} {r['mode']:8} export {r['export']:.3f} s (claim→complete "
+        print(f"  round {r['round']} {r['mode']:{mw}} export {r['export']:.3f} s (claim→complete "
               f"{cl:.3f} s, claim wait {r.get('claim_wait', float('nan')):.3f} s)" if cl is not None else
-              f"  round {r['round']} {r['mode']:8} export {r['export']:.3f} s", end="")
+              f"  round {r['round']} {r['mode']:{mw}} export {r['export']:.3f} s", end="")
         print(f"; downloads {r['dl_seq']:.3f} s / {r['dl_par']:.3f} s; {dtext}; "
               f"RSS {mib(r['rss'] or 0)}; CPU export {r.get('cpu_export', 0):.2f} s, "
               f"downloads {r.get('cpu_download', 0):.2f} s; {r['polls']} polls", end="")
@@ -892,6 +929,25 @@ def machine_facts(args):
     return facts
 
 
+def parse_modes(text):
+    """`--modes`: comma-separated output modes, in run order; sqlite and at
+    least one other, each once."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {', '.join(map(repr, unknown))}; choose from {', '.join(MODES)}")
+    dup = sorted({m for m in modes if modes.count(m) > 1})
+    if dup:
+        raise argparse.ArgumentTypeError(f"mode(s) given more than once: {', '.join(dup)}")
+    if "sqlite" not in modes:
+        raise argparse.ArgumentTypeError("must include sqlite (every ratio is sqlite / another mode)")
+    if len(modes) < 2:
+        raise argparse.ArgumentTypeError("needs at least two modes: sqlite and one of "
+                                         + ", ".join(m for m in MODES if m != "sqlite"))
+    return tuple(modes)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", default="target/release/export-store",
@@ -899,7 +955,12 @@ def main():
     ap.add_argument("--patients", type=int, default=100,
                     help="synthetic patients (about 330 resources, 0.39 MB of NDJSON each; default %(default)s)")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of sqlite then local-fs (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds; each runs every mode of --modes once, in the given order (default %(default)s)")
+    ap.add_argument("--modes", type=parse_modes, default=DEFAULT_MODES, metavar="M,M[,M]",
+                    help=f"output modes to run and compare, comma-separated, in run order: sqlite and at least "
+                         f"one of local-fs, local-fs-synced (HFS's local-fs with every finalized file and its "
+                         f"folder fsynced) (default {DEFAULT_MODES})")
     ap.add_argument("--batch-size", type=int, help="resources per part (HFS default 1000)")
     ap.add_argument("--bundle-size", type=int, default=300, help="entries per load Bundle (default %(default)s)")
     ap.add_argument("--load", choices=("auto", "transaction", "batch", "put"), default="auto",
@@ -929,6 +990,9 @@ def main():
     p = run_cmd([args.bin, "hfs", "--help"], 60, "export-store hfs --help")
     if b"--output" not in p.stdout:
         raise Fail(f"{args.bin} has no `hfs --output`: build it with --features hfs")
+    for m in args.modes:
+        if m.encode() not in p.stdout:
+            raise Fail(f"{args.bin} hfs --help lists no output mode {m}: rebuild it")
     args.bin = os.path.abspath(args.bin)
 
     facts = machine_facts(args)
@@ -975,7 +1039,7 @@ def main():
 
         results, digests = [], set()
         for rnd in range(1, args.rounds + 1):
-            for mode in MODES:
+            for mode in args.modes:
                 log(f"round {rnd}/{args.rounds}: {mode}")
                 r = one_run(args, work, template, mode, rnd, types, source_ids, digests)
                 cl = r.get("claim_to_done")
