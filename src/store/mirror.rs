@@ -434,7 +434,7 @@ impl PartCheck {
 fn with_source<T>(
     path: &Path,
     busy: Duration,
-    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    f: impl FnOnce(&Connection) -> StorageResult<T>,
 ) -> StorageResult<T> {
     let op = "mirror";
     let conn = open_checked_read_only(path, busy, op).map_err(|e| {
@@ -443,14 +443,16 @@ fn with_source<T>(
     let tx = conn
         .unchecked_transaction()
         .map_err(|e| from_sqlite(op, e))?;
-    let out = f(&tx).map_err(|e| from_sqlite(op, e))?;
+    let out = f(&tx)?;
     tx.finish().map_err(|e| from_sqlite(op, e))?;
     Ok(out)
 }
 
 /// Every finished part of the source, in id order: one read transaction.
 fn list_source(path: &Path, busy: Duration) -> StorageResult<Vec<(ExportPartKey, PartRow)>> {
-    with_source(path, busy, list_finished)
+    with_source(path, busy, |c| {
+        list_finished(c).map_err(|e| from_sqlite("mirror", e))
+    })
 }
 
 /// Every finished part of the database, in id order.
@@ -478,8 +480,9 @@ fn read_batch(
     from: u64,
     count: u64,
 ) -> StorageResult<Option<Vec<ChunkRow>>> {
+    let op = "mirror";
     with_source(path, busy, |c| {
-        if sql::part_state(c, id)? != Some(true) {
+        if sql::part_state(c, id).map_err(|e| from_sqlite(op, e))? != Some(true) {
             return Ok(None);
         }
         let mut chunks = Vec::new();
@@ -488,8 +491,23 @@ fn read_batch(
             if bytes >= MIRROR_BATCH_BYTES {
                 break;
             }
-            let Some(chunk) = sql::chunk(c, id, seq)? else {
-                break;
+            let chunk = match sql::chunk(c, id, seq) {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                // A column of the wrong type or out of range: the row is
+                // damaged, not the database.
+                Err(
+                    e @ (rusqlite::Error::InvalidColumnType(..)
+                    | rusqlite::Error::FromSqlConversionFailure(..)
+                    | rusqlite::Error::IntegralValueOutOfRange(..)),
+                ) => {
+                    return Err(StorageError::corrupt(
+                        op,
+                        format!("chunk {seq} of the part is not a well-formed chunk row"),
+                    )
+                    .with_source(e))
+                }
+                Err(e) => return Err(from_sqlite(op, e)),
             };
             bytes += chunk.frame.len();
             chunks.push(chunk);
