@@ -185,7 +185,7 @@ async fn the_loop_follows_the_source_and_stops_on_sigterm() {
     let (src, rep) = (dir.path().join("src.db"), dir.path().join("rep.db"));
     let store = SqliteOutputStore::open_with(&src, BASE, StoreOptions::default()).unwrap();
     write_part(&store, "job-a", 0, 100).await;
-    let mut child = bin()
+    let child = bin()
         .args(["mirror", "--every", "50ms", "--from"])
         .arg(&src)
         .arg("--db")
