@@ -94,8 +94,10 @@ pub struct PartSummary {
     pub created_at_ms: i64,
     /// When the part was finalized, Unix milliseconds.
     pub finished_at_ms: Option<i64>,
-    /// When a staged part last received chunks, Unix milliseconds (`None`
-    /// before its first chunk, and for finished parts).
+    /// When the part last received chunks while it was staged, Unix
+    /// milliseconds (`None` before its first chunk; a finished part keeps
+    /// the value it had, and a part copied by
+    /// [`mirror_from`](crate::SqliteOutputStore::mirror_from) has none).
     pub touched_at_ms: Option<i64>,
     /// The content digest of a finished part, lowercase hex in
     /// [`digest_algorithm`](Self::digest_algorithm): what
