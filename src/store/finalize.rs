@@ -129,14 +129,14 @@ pub(crate) fn publish(
             ))
         }
     }
-    if let Some(last) = &sealed.last {
+    for held in &sealed.held {
         sql::insert_chunk(
             tx,
             part.part_id,
-            last.seq,
-            last.raw_offset,
-            last.raw_len,
-            &last.frame,
+            held.seq,
+            held.raw_offset,
+            held.raw_len,
+            &held.frame,
         )
         .map_err(fail)?;
     }

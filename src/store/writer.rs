@@ -83,10 +83,12 @@ pub(crate) struct Sealed {
     pub chunks: u64,
     pub digest: String,
     pub digest_algorithm: DigestAlgorithm,
-    /// The last chunk, compressed but not stored, when the writer was shut
-    /// down by `finalize_part` ([`Registry::hold_last_chunk`]): the
-    /// finalize stores it inside its own durable transaction.
-    pub last: Option<Arc<HeldChunk>>,
+    /// The last chunk (the last two, when the finalize cut it in two:
+    /// [`PartSink::split_last`]), compressed but not stored, when the
+    /// writer was shut down by `finalize_part`
+    /// ([`Registry::hold_last_chunk`]): the finalize stores them inside its
+    /// own durable transaction.
+    pub held: Vec<Arc<HeldChunk>>,
 }
 
 /// A compressed chunk kept for the transaction that publishes its part.
@@ -489,8 +491,8 @@ pub(crate) struct PartSink {
     hasher: PartHasher,
     in_flight: VecDeque<ChunkTask>,
     queued: VecDeque<Queued>,
-    /// The last chunk, held for the publishing transaction.
-    held: Option<HeldChunk>,
+    /// The last chunks, held for the publishing transaction.
+    held: Vec<HeldChunk>,
     /// Set while the writer waits its turn for a chunk slot.
     slot_wait: Option<SlotWait>,
     /// A transient failure, reported at shutdown (and so by finalize).
@@ -530,7 +532,7 @@ impl PartSink {
             stored_bytes: 0,
             in_flight: VecDeque::new(),
             queued: VecDeque::new(),
-            held: None,
+            held: Vec::new(),
             slot_wait: None,
             deferred: None,
             failed: None,
@@ -696,7 +698,7 @@ impl PartSink {
         self.buf = last;
         self.buf.clear();
         let frame = framed.map_err(|e| self.fail(e))?;
-        self.held = Some(HeldChunk {
+        self.held.push(HeldChunk {
             seq: self.next_seq,
             raw_offset,
             raw_len,
@@ -709,16 +711,16 @@ impl PartSink {
     }
 
     /// Ends the current chunk early and sends what is left of it to a
-    /// second chunk worker as one more chunk, held for the publishing
-    /// transaction, when more than [`INLINE_LAST`] bytes of the chunk are
+    /// second chunk worker as one more chunk, when more than
+    /// [`INLINE_LAST`] bytes of the chunk are
     /// still to compress (pieces waiting for the frame's job, and the
     /// buffer): a producer that wrote the part at once (HFS writes a batch
     /// it made before) would otherwise leave the whole remainder to the one
     /// job that compresses the frame while its finalize waits. The pieces
     /// at the back of the frame's queue, and the buffer, go to the new
     /// chunk until both halves are about even; the frame ends with the
-    /// rest and is queued for the store as usual. Both run at once, on two
-    /// cores. Returns whether it did (it needs two chunk slots at once);
+    /// rest. Both run at once, on two cores, and both chunks are held for
+    /// the publishing transaction. Returns whether it did (it needs two chunk slots at once);
     /// if not, the chunk goes to one worker as usual.
     fn split_last(&mut self) -> bool {
         let Some(frame) = self.frame.clone() else {
@@ -767,7 +769,7 @@ impl PartSink {
                 part_id: self.part_id,
                 seq: self.next_seq,
                 raw_offset,
-                hold: false,
+                hold: true,
                 done,
             });
         }
@@ -870,7 +872,7 @@ impl PartSink {
             Ok(stage) => {
                 match stage {
                     Stage::Queued(queued) => self.queued.push_back(queued),
-                    Stage::Held(chunk) => self.held = Some(chunk),
+                    Stage::Held(chunk) => self.held.push(chunk),
                 }
                 if self.deferred.is_none() && hash.is_apart() {
                     self.hasher
@@ -1023,7 +1025,10 @@ impl PartSink {
             digest: std::mem::replace(&mut self.hasher, PartHasher::new(self.cfg.digest))
                 .finish_hex(),
             digest_algorithm: self.cfg.digest,
-            last: self.held.take().map(Arc::new),
+            held: std::mem::take(&mut self.held)
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
         }
     }
 }
