@@ -140,7 +140,8 @@ pub use store::maintenance::{
 };
 pub use store::mirror::{MirrorReport, MIRROR_BATCH_BYTES};
 pub use store::options::{
-    Checkpoints, StoreOptions, DEFAULT_CHUNK_SIZE, DOWNLOAD_READ_AHEAD, MAX_CHUNK_SIZE,
+    Checkpoints, StoreOptions, DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DOWNLOAD_READ_AHEAD,
+    MAX_CHUNK_SIZE,
 };
 pub use store::{PartInfo, SqliteOutputStore};
 

@@ -81,8 +81,8 @@ pub struct Args {
     /// Store option: chunks read ahead per reader.
     #[arg(long)]
     read_ahead: Option<usize>,
-    /// Store option: zstd level.
-    #[arg(long, default_value_t = 3)]
+    /// Store option: zstd level (default: the store's default).
+    #[arg(long, default_value_t = sqlite_export_store::DEFAULT_COMPRESSION_LEVEL)]
     level: i32,
 }
 
@@ -371,9 +371,10 @@ async fn write_group(
     }
     table.target(
         &format!(
-            "write 1 part ({} MiB {}) ≥ 0.90× zstd-3 1 thread",
+            "write 1 part ({} MiB {}) ≥ 0.90× zstd-{} 1 thread",
             bytes >> 20,
-            corpus.name
+            corpus.name,
+            plan.level
         ),
         by[0].paired(&ceiling),
         0.90,
