@@ -853,7 +853,7 @@ def report(args, results, ndjson_src, facts):
                 text += f"   {other} / sqlite = {1 / med:.1f}×"
             print(text)
 
-        ratio_line("export, claim → complete", lambda r: r.get("claim_to_done"), 1.05)
+        ratio_line("export, claim → complete", lambda r: r.get("claim_to_done"), 1.00)
         ratio_line("export, kick-off → manifest", lambda r: r["export"])
         ratio_line("export, first progress → manifest", lambda r: r.get("progress_seen"))
         ratio_line("server CPU during export", lambda r: r.get("cpu_export"))
