@@ -61,7 +61,7 @@ use std::future::Future;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::AsyncWrite;
@@ -306,7 +306,11 @@ struct FrameState {
 
 /// Where a finished frame goes.
 struct FrameEnd {
-    db: Arc<Db>,
+    /// Weak, as every chunk job's: a job left running by a writer dropped
+    /// without finalizing must not keep the database open (its staging is
+    /// discarded by the writer thread, which ends only once the database
+    /// is dropped; a process that exits first would leave it).
+    db: Weak<Db>,
     runtime: Handle,
     part_id: i64,
     seq: u64,
@@ -409,7 +413,7 @@ impl OpenFrame {
         };
         let queued = framed.and_then(|()| {
             stage_frame(
-                &end.db,
+                &*upgrade(&end.db)?,
                 &end.runtime,
                 ChunkInsertArgs {
                     part_id: end.part_id,
@@ -427,6 +431,13 @@ impl OpenFrame {
             hash: ChunkHash::default(),
         });
     }
+}
+
+/// The database a chunk job stores into, unless it was dropped meanwhile
+/// (the store and the job's writer are gone: the chunk is not wanted).
+fn upgrade(db: &Weak<Db>) -> StorageResult<Arc<Db>> {
+    db.upgrade()
+        .ok_or_else(|| StorageError::internal("write", "the store was closed"))
 }
 
 /// The error of a chunk whose compression panicked.
@@ -633,7 +644,7 @@ impl PartSink {
             let mut st = frame.state();
             st.pieces.push_back(last);
             st.end = Some(FrameEnd {
-                db: self.db.clone(),
+                db: Arc::downgrade(&self.db),
                 runtime: self.runtime.clone(),
                 part_id: self.part_id,
                 seq: self.next_seq,
@@ -764,7 +775,7 @@ impl PartSink {
                 moved.push_front(st.pieces.pop_back().expect("counted"));
             }
             st.end = Some(FrameEnd {
-                db: self.db.clone(),
+                db: Arc::downgrade(&self.db),
                 runtime: self.runtime.clone(),
                 part_id: self.part_id,
                 seq: self.next_seq,
@@ -810,7 +821,7 @@ impl PartSink {
         let args = (self.part_id, self.next_seq, self.dispatched_bytes);
         self.next_seq += 1;
         self.dispatched_bytes += raw.len() as u64;
-        let db = self.db.clone();
+        let db = Arc::downgrade(&self.db);
         let level = self.cfg.level;
         let algorithm = self.cfg.digest;
         // Chunk jobs hash their chunks when chunks are BLAKE3 subtrees;
@@ -842,7 +853,7 @@ impl PartSink {
             let len = raw.len() as u64;
             let queued = compressed.and_then(|frame| {
                 stage_frame(
-                    &db,
+                    &*upgrade(&db)?,
                     &runtime,
                     ChunkInsertArgs {
                         part_id,
