@@ -10,7 +10,8 @@
 //! own `HFS_AUTH_*` and `HFS_AUDIT_*` settings, built as `hfs` builds them
 //! (`security.rs`). What is left out (the web UI, other backends) is listed
 //! in docs/hfs.md; `/metrics` is served only on the listener of
-//! `--metrics-addr` (see `watch.rs`).
+//! `--metrics-addr` (see `watch.rs`). `--output local-fs-synced`, a
+//! measuring baseline, is HFS's local-fs store made durable (`synced.rs`).
 
 mod security;
 mod synced;

@@ -1,6 +1,6 @@
 //! `export-store`: run a demo export into a store, import bulk NDJSON, serve
-//! downloads, check, clean and back up a store, and compare its speed with
-//! the baselines.
+//! downloads, check, clean and back up a store, keep a replica's parts
+//! current (`mirror`), and compare its speed with the baselines.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
