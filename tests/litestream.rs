@@ -75,36 +75,10 @@ fn options(mode: &str) -> StoreOptions {
 
 // ------------------------------------------------------------ the content
 
-/// A part's NDJSON: lines of random base64 (which zstd barely shrinks, so
-/// the store holds about as many bytes as were written), seeded by the
-/// writer and part, so the parent can make it again.
+/// A part's NDJSON, seeded by the writer and part, so the parent can make
+/// it again ([`litestream_support::binary_lines`]).
 fn content(writer: u32, part: u32) -> Vec<u8> {
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15 ^ ((writer as u64) << 32 | part as u64);
-    let mut next = || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    let mut out = Vec::with_capacity(PART_BYTES + 1024);
-    let mut line = 0u32;
-    while out.len() < PART_BYTES {
-        write!(
-            out,
-            "{{\"resourceType\":\"Binary\",\"id\":\"w{writer}-p{part}-{line}\",\"data\":\""
-        )
-        .unwrap();
-        for _ in 0..100 {
-            let r = next();
-            for k in 0..8 {
-                out.push(B64[((r >> (k * 6)) & 63) as usize]);
-            }
-        }
-        out.extend_from_slice(b"\"}\n");
-        line += 1;
-    }
-    out
+    litestream_support::binary_lines("w", writer, part, PART_BYTES)
 }
 
 fn key(writer: u32, part: u32) -> ExportPartKey {

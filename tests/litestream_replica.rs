@@ -24,7 +24,7 @@
 
 mod litestream_support;
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,35 +51,10 @@ const LAG_BOUND: Duration = Duration::from_secs(45);
 /// Rounds of the throughput comparison.
 const ROUNDS: usize = 3;
 
-/// A part's NDJSON: lines of pseudo-random base64 (which zstd barely
-/// shrinks), seeded by job and part.
+/// A part's NDJSON, seeded by job and part
+/// ([`litestream_support::binary_lines`]).
 fn content(job: u32, part: u32) -> Vec<u8> {
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s: u64 = 0x9e37_79b9_7f4a_7c15 ^ ((job as u64) << 32 | part as u64);
-    let mut next = || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    let mut out = Vec::with_capacity(PART_BYTES + 1024);
-    let mut line = 0u32;
-    while out.len() < PART_BYTES {
-        write!(
-            out,
-            "{{\"resourceType\":\"Binary\",\"id\":\"j{job}-p{part}-{line}\",\"data\":\""
-        )
-        .unwrap();
-        for _ in 0..100 {
-            let r = next();
-            for k in 0..8 {
-                out.push(B64[((r >> (k * 6)) & 63) as usize]);
-            }
-        }
-        out.extend_from_slice(b"\"}\n");
-        line += 1;
-    }
-    out
+    litestream_support::binary_lines("j", job, part, PART_BYTES)
 }
 
 fn job_id(job: u32) -> String {

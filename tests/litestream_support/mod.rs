@@ -690,3 +690,36 @@ pub fn quantile(v: &[Duration], q: f64) -> Duration {
     }
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
+
+/// About `bytes` of NDJSON (whole lines) of Binary resources whose data is
+/// pseudo-random base64, which zstd barely shrinks (so a store holds about
+/// as many bytes as were written), seeded by `(a, b)` so a checker can make
+/// it again; ids are `{tag}{a}-p{b}-{line}`.
+pub fn binary_lines(tag: &str, a: u32, b: u32, bytes: usize) -> Vec<u8> {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s: u64 = 0x9e37_79b9_7f4a_7c15 ^ ((a as u64) << 32 | b as u64);
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut out = Vec::with_capacity(bytes + 1024);
+    let mut line = 0u32;
+    while out.len() < bytes {
+        write!(
+            out,
+            "{{\"resourceType\":\"Binary\",\"id\":\"{tag}{a}-p{b}-{line}\",\"data\":\""
+        )
+        .unwrap();
+        for _ in 0..100 {
+            let r = next();
+            for k in 0..8 {
+                out.push(B64[((r >> (k * 6)) & 63) as usize]);
+            }
+        }
+        out.extend_from_slice(b"\"}\n");
+        line += 1;
+    }
+    out
+}
