@@ -639,23 +639,32 @@ impl PartSink {
         let raw_offset = self.dispatched_bytes;
         self.dispatched_bytes += (self.chunk_fill + last.len()) as u64;
         self.chunk_fill = 0;
-        let (done, task) = oneshot::channel();
+        let (end, task) = self.frame_end(raw_offset, hold);
         {
             let mut st = frame.state();
             st.pieces.push_back(last);
-            st.end = Some(FrameEnd {
-                db: Arc::downgrade(&self.db),
-                runtime: self.runtime.clone(),
-                part_id: self.part_id,
-                seq: self.next_seq,
-                raw_offset,
-                hold,
-                done,
-            });
+            st.end = Some(end);
         }
         self.next_seq += 1;
         self.submit_pieces(frame, slot);
         self.in_flight.push_back(task);
+    }
+
+    /// Where the current chunk's frame goes once its job has compressed
+    /// every piece: chunk `next_seq`, at `raw_offset`, held or queued; and
+    /// the task its outcome arrives on.
+    fn frame_end(&self, raw_offset: u64, hold: bool) -> (FrameEnd, ChunkTask) {
+        let (done, task) = oneshot::channel();
+        let end = FrameEnd {
+            db: Arc::downgrade(&self.db),
+            runtime: self.runtime.clone(),
+            part_id: self.part_id,
+            seq: self.next_seq,
+            raw_offset,
+            hold,
+            done,
+        };
+        (end, task)
     }
 
     /// Ends the current chunk on this thread and holds it for the
@@ -753,8 +762,7 @@ impl PartSink {
         // evens the two out.
         let mut moved: VecDeque<Vec<u8>> = VecDeque::new();
         let mut tail = self.buf.len();
-        let raw_offset = self.dispatched_bytes;
-        let (done, task) = oneshot::channel();
+        let (end, task) = self.frame_end(self.dispatched_bytes, true);
         {
             let mut st = frame.state();
             let mut queued: usize = st.pieces.iter().map(Vec::len).sum();
@@ -774,15 +782,7 @@ impl PartSink {
             for _ in 0..take {
                 moved.push_front(st.pieces.pop_back().expect("counted"));
             }
-            st.end = Some(FrameEnd {
-                db: Arc::downgrade(&self.db),
-                runtime: self.runtime.clone(),
-                part_id: self.part_id,
-                seq: self.next_seq,
-                raw_offset,
-                hold: true,
-                done,
-            });
+            st.end = Some(end);
         }
         let moved_bytes: usize = moved.iter().map(Vec::len).sum();
         let frame_len = self.chunk_fill - moved_bytes;
