@@ -62,10 +62,15 @@ async fn synthea_export_round_trips_file_by_file() {
             (want.as_str(), DigestAlgorithm::Xxh3_128),
             "{ty}: digest is the XXH3-128 of the NDJSON (what xxhsum -H2 prints)"
         );
-        assert_eq!(
+        // Whole 1 MiB chunks; the last one cut in two at finalize when
+        // more than 256 KiB of it was still to compress (lines arrived
+        // faster than one chunk worker compresses them).
+        let whole = (data.len() as u64).div_ceil(1 << 20);
+        assert!(
+            info.chunk_count == whole || info.chunk_count == whole + 1,
+            "{ty}: {} chunks for {} bytes",
             info.chunk_count,
-            (data.len() as u64).div_ceil(1 << 20),
-            "{ty}"
+            data.len()
         );
         raw += info.size_bytes;
         stored += info.stored_bytes;
