@@ -132,6 +132,7 @@ pub use store::backup::{
     BackupOptions, BackupProgress, BackupReport, DEFAULT_BACKUP_PAUSE, DEFAULT_BACKUP_STEP_PAGES,
 };
 pub use store::digest::{ContentDigest, DigestAlgorithm};
+pub use store::finalize::{FinalizeTiming, FINALIZE_TIMINGS_KEPT};
 pub use store::listing::{
     FileStats, JobSummary, PartFilter, PartSummary, PartTotals, TenantSummary,
 };

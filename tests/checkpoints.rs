@@ -94,3 +94,29 @@ async fn external_checkpoints_leave_the_log_alone() {
         "{before} bytes of log: the store checkpointed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_never_pauses_keeps_a_bounded_log() {
+    // The store's checkpoints run beside the writer (no commit waits for
+    // one); a writer that never pauses must still see the log start over.
+    // Twelve parts of 3 MiB back to back, no idle spell: about 20 MiB of
+    // frames. Without any checkpoint the log would hold all of them.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store.db");
+    let store =
+        SqliteOutputStore::open_with(&db, "http://hfs.test", StoreOptions::default()).unwrap();
+    let mut largest = 0;
+    for i in 0..12 {
+        put(&store, i, &noise(i as u64 + 31, 3 << 20)).await;
+        largest = largest.max(wal_len(&db));
+    }
+    let stored = std::fs::metadata(&db).unwrap().len();
+    assert!(
+        stored > 12 << 20,
+        "{stored} bytes in the database file: the frames were checkpointed into it"
+    );
+    assert!(
+        largest < 12 << 20,
+        "the log reached {largest} bytes while the parts were written"
+    );
+}

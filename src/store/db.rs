@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::checkpointer::{Checkpointer, LogCounter};
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -30,15 +31,15 @@ const BATCH_BYTES: usize = 8 << 20;
 const QUEUE_DEPTH: usize = 64;
 /// The size, in bytes, the write connection truncates the write-ahead log
 /// back to when it starts the log over after a checkpoint
-/// (`PRAGMA journal_size_limit`). SQLite checkpoints on its own once the
-/// log passes 1,000 pages (4 MiB at the store's page size), but a batch of
+/// (`PRAGMA journal_size_limit`). The store checkpoints each time the
+/// log grows by about 4 MiB ([`super::checkpointer`]), but a batch of
 /// chunks may add up to [`BATCH_BYTES`] in one transaction, and a reader
 /// holding an old snapshot keeps any checkpoint from catching up, so the
 /// log can grow well past that while parts are written; SQLite then reuses
 /// the `-wal` file from its start without ever making it smaller. With the
 /// limit, the first commit that starts the log over after a checkpoint
 /// caught up (a finalize, say) truncates the file back to this size, or to
-/// that commit's own frames if they are larger. Set to the autocheckpoint
+/// that commit's own frames if they are larger. Set to the checkpoint
 /// threshold, it leaves a log that stays below the threshold alone.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
 /// How long the writer thread waits without a command, after a write,
@@ -67,8 +68,18 @@ pub(crate) struct ChunkInsert {
 /// `run` does the work and says whether to keep it; `finish` is told the
 /// outcome of the commit (and is called even if `run` never got to run).
 struct DurableCall {
+    /// Bytes of chunk frames `run` stores, for the log's count.
+    frame_bytes: u64,
     run: Box<dyn FnOnce(&Connection) -> bool + Send>,
-    finish: Box<dyn FnOnce(Option<StorageError>) + Send>,
+    finish: Box<dyn FnOnce(Option<StorageError>, CommitTimes) + Send>,
+}
+
+/// When a durable group's commit began (its statements were done) and when
+/// it had reached the disk (or failed).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CommitTimes {
+    pub started: Instant,
+    pub done: Instant,
 }
 
 /// Durable calls committed together at most (one fsync for all of them).
@@ -99,6 +110,9 @@ pub(crate) struct Db {
     overflow: Arc<Mutex<Overflow>>,
     /// Opened read-only: no writer thread, and every write is refused.
     read_only: bool,
+    /// The thread that checkpoints the log beside the writer, if the store
+    /// does its own checkpoints; dropped after the writer thread ends.
+    checkpointer: Option<Checkpointer>,
 }
 
 /// Chunks waiting for room in a store's queue.
@@ -163,6 +177,17 @@ impl Db {
         }
         schema::prepare(&mut conn)?;
         schema::limit_size(&conn, options.max_database_size).map_err(|e| from_sqlite(op, e))?;
+        // The store's own checkpoints run on a thread of their own, so
+        // that no commit waits for one; without that thread, SQLite's
+        // automatic checkpoint stays on.
+        let (checkpointer, log) = match store_checkpoints {
+            true => Checkpointer::start(path, busy, WAL_SIZE_LIMIT as u64).unzip(),
+            false => (None, None),
+        };
+        if log.is_some() {
+            conn.pragma_update_and_check(None, "wal_autocheckpoint", 0, |r| r.get::<_, i64>(0))
+                .map_err(|e| from_sqlite(op, e))?;
+        }
         // Free pages left by a reclamation that a crash interrupted.
         let (_, _, free) = sql::pages(&conn).map_err(|e| from_sqlite(op, e))?;
         let reclaim = std::sync::Arc::new(AtomicBool::new(free > 0));
@@ -191,6 +216,7 @@ impl Db {
                     thread_reclaim,
                     staging_retry,
                     store_checkpoints,
+                    log,
                 )
             })
             .map_err(|e| {
@@ -205,6 +231,7 @@ impl Db {
             file: file_id(path).map(|id| (path.to_path_buf(), id)),
             overflow: Default::default(),
             read_only: false,
+            checkpointer,
         })
     }
 
@@ -227,6 +254,7 @@ impl Db {
             file: file_id(path).map(|id| (path.to_path_buf(), id)),
             overflow: Default::default(),
             read_only: true,
+            checkpointer: None,
         })
     }
 
@@ -321,23 +349,41 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
     {
+        self.write_durable_storing(op, 0, f).await.map(|(v, _)| v)
+    }
+
+    /// [`write_durable`](Self::write_durable) for a call that stores about
+    /// `frame_bytes` of chunk frames (a finalize's held chunks), which the
+    /// writer thread counts towards its next checkpoint; also says when
+    /// the group's commit began and ended.
+    pub async fn write_durable_storing<T, F>(
+        &self,
+        op: &'static str,
+        frame_bytes: u64,
+        f: F,
+    ) -> StorageResult<(T, CommitTimes)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
         self.check_file(op)?;
         let (ack, done) = oneshot::channel();
         let slot = Arc::new(Mutex::new(None));
         let out = slot.clone();
         let call = DurableCall {
+            frame_bytes,
             run: Box::new(move |c| {
                 let r = f(c);
                 let keep = r.is_ok();
                 *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                 keep
             }),
-            finish: Box::new(move |commit_error| {
+            finish: Box::new(move |commit_error, times| {
                 let ran = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let _ = ack.send(match (ran, commit_error) {
                     (Some(Err(e)), _) => Err(e),
                     (_, Some(e)) => Err(e),
-                    (Some(Ok(v)), None) => Ok(v),
+                    (Some(Ok(v)), None) => Ok((v, times)),
                     (None, None) => Err(StorageError::internal(op, "the call did not run")),
                 });
             }),
@@ -493,6 +539,8 @@ impl Drop for Db {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // Then the checkpointer, which no one asks any more.
+        drop(self.checkpointer.take());
     }
 }
 
@@ -685,6 +733,7 @@ fn writer_thread(
     reclaim: std::sync::Arc<AtomicBool>,
     staging_retry: Duration,
     store_checkpoints: bool,
+    mut log: Option<LogCounter>,
 ) {
     use mpsc::error::TryRecvError;
     // A clock for waiting on the queue with a timeout; without one (it
@@ -723,6 +772,11 @@ fn writer_thread(
                             // Readers still on an old snapshot keep the log;
                             // the next idle spell tries again.
                             wal_written = !sql::truncate_wal_now(&conn);
+                            if !wal_written {
+                                if let Some(log) = log.as_mut() {
+                                    log.emptied();
+                                }
+                            }
                             continue;
                         }
                     }
@@ -737,6 +791,7 @@ fn writer_thread(
                 // A panicking call drops its ack, which its caller reports;
                 // the thread goes on serving everyone else.
                 let _ = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut conn)));
+                count_commit(&conn, &mut log, 0);
             }
             Command::Durable(first) => {
                 let mut group = vec![first];
@@ -750,7 +805,9 @@ fn writer_thread(
                         Err(_) => break,
                     }
                 }
+                let frames = group.iter().map(|c| c.frame_bytes).sum::<u64>();
                 commit_durable(&mut conn, group);
+                count_commit(&conn, &mut log, frames);
             }
             Command::Chunk(first) => {
                 let mut bytes = first.frame.len();
@@ -769,10 +826,23 @@ fn writer_thread(
                     }
                 }
                 insert_batch(&mut conn, batch, staging_retry);
+                count_commit(&conn, &mut log, bytes as u64);
             }
         }
     }
     discard_dropped(&conn, &discards);
+}
+
+/// Counts a commit of `frame_bytes` of chunk frames towards the
+/// checkpointer's next checkpoint; checkpoints here, between two commits,
+/// if the checkpointer has fallen too far behind a writer that never
+/// pauses ([`super::checkpointer`]).
+fn count_commit(conn: &Connection, log: &mut Option<LogCounter>, frame_bytes: u64) {
+    if let Some(log) = log.as_mut() {
+        if log.committed(frame_bytes) && sql::checkpoint_caught_up(conn).unwrap_or(false) {
+            log.emptied();
+        }
+    }
 }
 
 /// Runs a group of durable calls in one transaction committed with
@@ -781,6 +851,7 @@ fn writer_thread(
 fn commit_durable(conn: &mut Connection, group: Vec<DurableCall>) {
     let op = "commit";
     let (runs, finishes): (Vec<_>, Vec<_>) = group.into_iter().map(|c| (c.run, c.finish)).unzip();
+    let mut started = None;
     let outcome = (|| -> Result<(), StorageError> {
         let sql = |e| from_sqlite(op, e);
         conn.pragma_update(None, "synchronous", failpoint::finalize_sync())
@@ -800,18 +871,24 @@ fn commit_durable(conn: &mut Connection, group: Vec<DurableCall>) {
             tx.execute_batch(end).map_err(sql)?;
         }
         failpoint::hit("finalize.before_commit");
+        started = Some(Instant::now());
         tx.commit().map_err(sql)?;
         failpoint::hit("finalize.after_commit");
         Ok(())
     })();
     // Back to cheap commits for chunks; a failure here only costs speed.
+    let done = Instant::now();
+    let times = CommitTimes {
+        started: started.unwrap_or(done),
+        done,
+    };
     let _ = conn.pragma_update(None, "synchronous", "NORMAL");
     for finish in finishes {
         let e = outcome
             .as_ref()
             .err()
             .map(|e| StorageError::new(e.kind(), e.operation(), e.message().to_string()));
-        finish(e);
+        finish(e, times);
     }
 }
 

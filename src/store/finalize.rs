@@ -13,16 +13,126 @@
 //! durable call: the first part that fails rolls the whole call back, so a
 //! batch is published whole or not at all.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::io::AsyncWriteExt;
 
+use super::db::CommitTimes;
 use super::writer::{check_opened_for, sink_address, Sealed};
 use super::{check_fence, sql, SqliteOutputStore};
 use crate::contract::{ExportPartWriter, FinalizedPart};
 use crate::error::{from_sqlite, StorageError, StorageResult};
 use crate::key::ExportPartKey;
+
+/// How many [`FinalizeTiming`]s a store keeps (the most recent ones) when
+/// [`StoreOptions::with_finalize_timings`](crate::StoreOptions::with_finalize_timings)
+/// is on.
+pub const FINALIZE_TIMINGS_KEPT: usize = 4096;
+
+/// Where one [`finalize_part`](crate::ExportOutputStore::finalize_part)
+/// spent its time, from the call to its return, in consecutive stages that
+/// add up to [`total`](Self::total).
+///
+/// What a producer that finalizes each part before it goes on (HFS's
+/// export worker) waits for. Recorded only when the store was opened with
+/// [`StoreOptions::with_finalize_timings`](crate::StoreOptions::with_finalize_timings),
+/// and only for `finalize_part` calls that returned `Ok`; read with
+/// [`SqliteOutputStore::take_finalize_timings`](crate::SqliteOutputStore::take_finalize_timings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinalizeTiming {
+    /// Until the writer's last chunk was compressed (by a chunk worker, or
+    /// on the finalizing thread): the part's remainder still to compress
+    /// when the finalize began. Zero if every chunk was compressed before.
+    pub compress: Duration,
+    /// Then until the writer was shut down: chunks queued for the writer
+    /// thread before the finalize began, stored and acknowledged, and the
+    /// wake-up of the finalizing task.
+    pub store_chunks: Duration,
+    /// Then until the publishing transaction began on the writer thread:
+    /// the hand-off, and whatever the writer thread was doing before
+    /// (other parts' chunks, other finalizes).
+    pub hand_off: Duration,
+    /// Then until its commit began: the statements that store the held
+    /// chunks, check the part and publish it (with those of other
+    /// finalizes committed in the same group).
+    pub statements: Duration,
+    /// The durable commit: the log's new frames written and synced.
+    pub commit: Duration,
+    /// Then until `finalize_part` returned: the reply's hand-off back.
+    pub reply: Duration,
+    /// The whole call.
+    pub total: Duration,
+}
+
+/// The timings a store keeps, if it keeps any.
+#[derive(Debug, Default)]
+pub(crate) struct TimingLog(Option<Mutex<VecDeque<FinalizeTiming>>>);
+
+impl TimingLog {
+    pub(crate) fn new(on: bool) -> Self {
+        TimingLog(on.then(Mutex::default))
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn log(&self) -> Option<std::sync::MutexGuard<'_, VecDeque<FinalizeTiming>>> {
+        self.0
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn record(&self, t: FinalizeTiming) {
+        if let Some(mut log) = self.log() {
+            if log.len() == FINALIZE_TIMINGS_KEPT {
+                log.pop_front();
+            }
+            log.push_back(t);
+        }
+    }
+
+    pub(crate) fn take(&self) -> Vec<FinalizeTiming> {
+        self.log()
+            .map(|mut l| l.drain(..).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The clock readings of one finalize, turned into its stages.
+pub(crate) struct FinalizeClock {
+    pub began: Instant,
+    pub sealed: Instant,
+    pub published: Instant,
+    pub commit: CommitTimes,
+    pub returned: Instant,
+}
+
+impl FinalizeClock {
+    /// The stages, each from the end of the one before; `compressed_at`
+    /// is when the writer's last chunk was compressed.
+    pub(crate) fn timing(&self, compressed_at: Option<Instant>) -> FinalizeTiming {
+        let compressed = compressed_at
+            .unwrap_or(self.began)
+            .clamp(self.began, self.sealed);
+        let published = self.published.clamp(self.sealed, self.commit.started);
+        FinalizeTiming {
+            compress: compressed - self.began,
+            store_chunks: self.sealed - compressed,
+            hand_off: published - self.sealed,
+            statements: self.commit.started - published,
+            commit: self
+                .commit
+                .done
+                .saturating_duration_since(self.commit.started),
+            reply: self.returned.saturating_duration_since(self.commit.done),
+            total: self.returned - self.began,
+        }
+    }
+}
 
 /// A part whose writer is shut down and checked, ready to publish.
 pub(crate) struct Staged {
@@ -36,6 +146,17 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
+    /// Bytes of the chunk frames the writer held for the publishing
+    /// transaction.
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.sealed.held.iter().map(|h| h.frame.len() as u64).sum()
+    }
+
+    /// When the writer's last chunk was compressed.
+    pub(crate) fn compressed_at(&self) -> Option<Instant> {
+        self.sealed.compressed_at
+    }
+
     /// Once the part is published: marks its writer so that dropping it
     /// discards nothing, and says what was finalized.
     pub(crate) fn finished(&self, store: &SqliteOutputStore) -> FinalizedPart {

@@ -16,8 +16,9 @@
 //!   back, for the reader, verify and downloads);
 //! - the bridge: `db.rs` (the read pool and the writer thread: the one place
 //!   async callers meet blocking SQLite work; a store opened read-only has
-//!   the read pool alone, and `db.rs` refuses its writes) and `compressor.rs` (the chunk
-//!   workers, one per core);
+//!   the read pool alone, and `db.rs` refuses its writes),
+//!   `checkpointer.rs` (the thread that checkpoints the log beside the
+//!   writer thread) and `compressor.rs` (the chunk workers, one per core);
 //! - synchronous SQLite: `sql.rs` (every statement) and `schema.rs`
 //!   (connection set-up, migrations);
 //! - plain values and bytes: `codec.rs` (chunk ⇄ zstd frame), `digest.rs`
@@ -32,6 +33,7 @@
 //! nothing of the server, the test kit or the HFS adapter.
 
 pub(crate) mod backup;
+pub(crate) mod checkpointer;
 pub(crate) mod chunk;
 pub(crate) mod codec;
 mod compressor;
@@ -52,7 +54,7 @@ pub(crate) mod writer;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, TransactionBehavior};
@@ -119,6 +121,8 @@ struct Core {
     options: StoreOptions,
     urls: UrlMinter,
     path: PathBuf,
+    /// Where recent finalizes spent their time, if the options ask.
+    timings: finalize::TimingLog,
     // Dropped last: the database is closed before its folder is removed.
     _temp: Option<tempfile::TempDir>,
 }
@@ -247,6 +251,7 @@ impl SqliteOutputStore {
             core: Arc::new(Core {
                 db: Arc::new(db),
                 registry: Arc::default(),
+                timings: finalize::TimingLog::new(options.finalize_timings),
                 options,
                 urls,
                 path,
@@ -254,6 +259,17 @@ impl SqliteOutputStore {
             }),
             access_token_required,
         })
+    }
+
+    /// Where each recent [`finalize_part`](ExportOutputStore::finalize_part)
+    /// spent its time, oldest first, if the store was opened with
+    /// [`StoreOptions::with_finalize_timings`]; the store forgets them as
+    /// they are taken. Empty otherwise. At most
+    /// [`FINALIZE_TIMINGS_KEPT`](crate::FINALIZE_TIMINGS_KEPT) are kept:
+    /// older ones are dropped as new ones come. Shared by every clone of
+    /// the store.
+    pub fn take_finalize_timings(&self) -> Vec<finalize::FinalizeTiming> {
+        self.core.timings.take()
     }
 
     /// This handle with `requires_access_token` set as given for the URLs it
@@ -544,17 +560,33 @@ impl ExportOutputStore for SqliteOutputStore {
         // its own, and must not flush or shut down another store's.
         self.core.db.check_writable(op)?;
         key.validate(op)?;
+        let began = Instant::now();
         let staged = finalize::seal(self, op, key, &mut writer, true).await?;
+        let sealed = Instant::now();
         let fencing = self.core.options.fencing;
-        let staged = self
+        let timed = self.core.timings.is_on();
+        let ((staged, published), commit) = self
             .core
             .db
-            .write_durable(op, move |tx| {
+            .write_durable_storing(op, staged.held_bytes(), move |tx| {
+                let published = timed.then(Instant::now);
                 finalize::publish(tx, fencing, op, &staged)?;
-                Ok(staged)
+                Ok((staged, published))
             })
             .await
             .map_err(|e| e.or_part(key.display()))?;
+        if let Some(published) = published {
+            let clock = finalize::FinalizeClock {
+                began,
+                sealed,
+                published,
+                commit,
+                returned: Instant::now(),
+            };
+            self.core
+                .timings
+                .record(clock.timing(staged.compressed_at()));
+        }
         Ok(staged.finished(self))
     }
 

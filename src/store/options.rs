@@ -26,8 +26,13 @@ pub const DOWNLOAD_READ_AHEAD: usize = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Checkpoints {
-    /// The store checkpoints (the default): SQLite's own automatic
-    /// checkpoint after a commit leaves the log past 1,000 pages (4 MiB);
+    /// The store checkpoints (the default): a thread of its own, with its
+    /// own connection, checkpoints passively each time the writer has
+    /// logged about 4 MiB (SQLite's automatic checkpoint threshold, 1,000
+    /// pages), beside the writer, so that no commit (no finalize) waits for
+    /// a checkpoint; if the writer never pauses long enough for those to
+    /// catch up, the writer checkpoints itself once per 16 MiB of log (if
+    /// that thread cannot start, SQLite's automatic checkpoint stays on);
     /// after a write, once the writer has had nothing to do for 1 s, a
     /// checkpoint that truncates the `-wal` to zero bytes (given up at once
     /// while a reader or another writer is in the way, and tried again at
@@ -93,6 +98,7 @@ pub struct StoreOptions {
     pub(crate) digest: DigestAlgorithm,
     pub(crate) read_only: bool,
     pub(crate) checkpoints: Checkpoints,
+    pub(crate) finalize_timings: bool,
 }
 
 impl Default for StoreOptions {
@@ -112,6 +118,7 @@ impl Default for StoreOptions {
             digest: DigestAlgorithm::CURRENT,
             read_only: false,
             checkpoints: Checkpoints::Store,
+            finalize_timings: false,
         }
     }
 }
@@ -133,6 +140,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("digest", &self.digest)
             .field("read_only", &self.read_only)
             .field("checkpoints", &self.checkpoints)
+            .field("finalize_timings", &self.finalize_timings)
             .finish()
     }
 }
@@ -294,6 +302,17 @@ impl StoreOptions {
     /// for what each does, and when to choose `External`.
     pub fn with_checkpoints(mut self, checkpoints: Checkpoints) -> Self {
         self.checkpoints = checkpoints;
+        self
+    }
+
+    /// Whether the store records where each
+    /// [`finalize_part`](crate::ExportOutputStore::finalize_part) spent its
+    /// time, for [`SqliteOutputStore::take_finalize_timings`](crate::SqliteOutputStore::take_finalize_timings).
+    /// Off by default; when on, the store keeps the last
+    /// [`FINALIZE_TIMINGS_KEPT`](crate::FINALIZE_TIMINGS_KEPT) of them (a
+    /// few clock readings per finalize, and about 60 bytes each).
+    pub fn with_finalize_timings(mut self, on: bool) -> Self {
+        self.finalize_timings = on;
         self
     }
 

@@ -463,7 +463,16 @@ pub fn truncate_wal_now(conn: &Connection) -> bool {
 /// Copies the write-ahead log into the database without waiting for
 /// anyone; the database file is truncated to its size once all of it is in.
 pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+    checkpoint_caught_up(conn).map(|_| ())
+}
+
+/// [`checkpoint`], saying whether it copied every frame of the log (so
+/// that the next write starts the log over).
+pub fn checkpoint_caught_up(conn: &Connection) -> rusqlite::Result<bool> {
+    // The row is (busy, log frames, checkpointed frames).
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok(r.get::<_, i64>(0)? == 0 && r.get::<_, i64>(1)? == r.get::<_, i64>(2)?)
+    })
 }
 
 /// SQLite's largest page count (`SQLITE_MAX_PAGE_COUNT` of the bundled

@@ -61,8 +61,10 @@ use std::future::Future;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use tokio::io::AsyncWrite;
 use tokio::runtime::Handle;
@@ -89,6 +91,8 @@ pub(crate) struct Sealed {
     /// ([`Registry::hold_last_chunk`]): the finalize stores them inside its
     /// own durable transaction.
     pub held: Vec<Arc<HeldChunk>>,
+    /// When the writer's last chunk was compressed, if it has any.
+    pub compressed_at: Option<Instant>,
 }
 
 /// A compressed chunk kept for the transaction that publishes its part.
@@ -213,6 +217,8 @@ struct Compressed {
     /// (a BLAKE3 subtree); otherwise the writer hashed it when it handed
     /// the chunk off.
     hash: ChunkHash,
+    /// When the job was done with the chunk.
+    done_at: Instant,
 }
 
 /// A compressed chunk queued for the writer thread: its frame's size and
@@ -304,6 +310,27 @@ struct FrameState {
     failed: Option<StorageError>,
 }
 
+/// Whether a writer's finalize asked it to keep its chunks for the
+/// publishing transaction ([`Registry::hold_last_chunk`]), shared with its
+/// chunk jobs: a chunk whose job ends once it is set is held rather than
+/// queued for the writer thread, which saves the finalize a round trip to
+/// that thread (and the wait behind whatever it is doing, a checkpoint
+/// say) for every chunk still being compressed when the finalize began. A
+/// chunk that ended before is queued, and the finalize waits for it to be
+/// stored, as before.
+#[derive(Clone, Default)]
+struct Hold(Arc<AtomicBool>);
+
+impl Hold {
+    fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Where a finished frame goes.
 struct FrameEnd {
     /// Weak, as every chunk job's: a job left running by a writer dropped
@@ -315,8 +342,10 @@ struct FrameEnd {
     part_id: i64,
     seq: u64,
     raw_offset: u64,
-    /// Keep the chunk for the publishing transaction instead of queueing it.
-    hold: bool,
+    /// Set once the part's finalize asked to keep its chunks for the
+    /// publishing transaction: the frame is held, not queued, if it ends
+    /// after that.
+    hold: Hold,
     done: oneshot::Sender<Compressed>,
 }
 
@@ -422,13 +451,14 @@ impl OpenFrame {
                     raw_len,
                     frame: out,
                 },
-                end.hold,
+                end.hold.is_set(),
             )
         });
         let _ = end.done.send(Compressed {
             queued,
             len: raw_len,
             hash: ChunkHash::default(),
+            done_at: Instant::now(),
         });
     }
 }
@@ -506,6 +536,11 @@ pub(crate) struct PartSink {
     held: Vec<HeldChunk>,
     /// Set while the writer waits its turn for a chunk slot.
     slot_wait: Option<SlotWait>,
+    /// Set once the finalize asked for the chunks still to come.
+    hold: Hold,
+    /// When the last chunk job so far was done (or the last chunk was
+    /// compressed on the writer's own thread).
+    compressed_at: Option<Instant>,
     /// A transient failure, reported at shutdown (and so by finalize).
     deferred: Option<StorageError>,
     /// A permanent failure, reported by every later call.
@@ -545,6 +580,8 @@ impl PartSink {
             queued: VecDeque::new(),
             held: Vec::new(),
             slot_wait: None,
+            hold: Hold::default(),
+            compressed_at: None,
             deferred: None,
             failed: None,
             shut: false,
@@ -628,18 +665,17 @@ impl PartSink {
 
     /// Sends the buffered bytes off as the end of the current chunk, in
     /// `slot`: the last piece of its frame if pieces of it were handed off,
-    /// else the whole chunk. With `hold`, the compressed chunk is kept for
-    /// the publishing transaction rather than queued for the store.
-    fn dispatch(&mut self, slot: OwnedSemaphorePermit, hold: bool) {
+    /// else the whole chunk.
+    fn dispatch(&mut self, slot: OwnedSemaphorePermit) {
         let Some(frame) = self.frame.take() else {
-            return self.dispatch_chunk(slot, hold);
+            return self.dispatch_chunk(slot);
         };
         let last = std::mem::replace(&mut self.buf, codec::take_buffer(self.cfg.chunk_size));
         self.hash_in_order(&last);
         let raw_offset = self.dispatched_bytes;
         self.dispatched_bytes += (self.chunk_fill + last.len()) as u64;
         self.chunk_fill = 0;
-        let (end, task) = self.frame_end(raw_offset, hold);
+        let (end, task) = self.frame_end(raw_offset);
         {
             let mut st = frame.state();
             st.pieces.push_back(last);
@@ -651,9 +687,9 @@ impl PartSink {
     }
 
     /// Where the current chunk's frame goes once its job has compressed
-    /// every piece: chunk `next_seq`, at `raw_offset`, held or queued; and
-    /// the task its outcome arrives on.
-    fn frame_end(&self, raw_offset: u64, hold: bool) -> (FrameEnd, ChunkTask) {
+    /// every piece: chunk `next_seq`, at `raw_offset`, held or queued as
+    /// [`Self::hold`] says when it ends; and the task its outcome arrives on.
+    fn frame_end(&self, raw_offset: u64) -> (FrameEnd, ChunkTask) {
         let (done, task) = oneshot::channel();
         let end = FrameEnd {
             db: Arc::downgrade(&self.db),
@@ -661,7 +697,7 @@ impl PartSink {
             part_id: self.part_id,
             seq: self.next_seq,
             raw_offset,
-            hold,
+            hold: self.hold.clone(),
             done,
         };
         (end, task)
@@ -718,6 +754,7 @@ impl PartSink {
         self.buf = last;
         self.buf.clear();
         let frame = framed.map_err(|e| self.fail(e))?;
+        self.compressed_at = Some(Instant::now());
         self.held.push(HeldChunk {
             seq: self.next_seq,
             raw_offset,
@@ -762,7 +799,7 @@ impl PartSink {
         // evens the two out.
         let mut moved: VecDeque<Vec<u8>> = VecDeque::new();
         let mut tail = self.buf.len();
-        let (end, task) = self.frame_end(self.dispatched_bytes, true);
+        let (end, task) = self.frame_end(self.dispatched_bytes);
         {
             let mut st = frame.state();
             let mut queued: usize = st.pieces.iter().map(Vec::len).sum();
@@ -799,31 +836,26 @@ impl PartSink {
         }
         raw.extend_from_slice(&self.buf);
         self.buf.clear();
-        self.dispatch_raw(raw, moved_bytes, b, true);
+        self.dispatch_raw(raw, moved_bytes, b);
         true
     }
 
     /// Sends the buffered bytes off as one whole chunk, in `slot`.
-    fn dispatch_chunk(&mut self, slot: OwnedSemaphorePermit, hold: bool) {
+    fn dispatch_chunk(&mut self, slot: OwnedSemaphorePermit) {
         let raw = std::mem::replace(&mut self.buf, codec::take_buffer(self.cfg.chunk_size));
-        self.dispatch_raw(raw, 0, slot, hold);
+        self.dispatch_raw(raw, 0, slot);
     }
 
     /// Sends `raw` off as one whole chunk, in `slot`; its first `hashed`
     /// bytes are already in the part's digest (pieces handed off earlier).
-    fn dispatch_raw(
-        &mut self,
-        raw: Vec<u8>,
-        hashed: usize,
-        slot: OwnedSemaphorePermit,
-        hold: bool,
-    ) {
+    fn dispatch_raw(&mut self, raw: Vec<u8>, hashed: usize, slot: OwnedSemaphorePermit) {
         let args = (self.part_id, self.next_seq, self.dispatched_bytes);
         self.next_seq += 1;
         self.dispatched_bytes += raw.len() as u64;
         let db = Arc::downgrade(&self.db);
         let level = self.cfg.level;
         let algorithm = self.cfg.digest;
+        let hold = self.hold.clone();
         // Chunk jobs hash their chunks when chunks are BLAKE3 subtrees;
         // otherwise the chunk is hashed here, in content order, while it is
         // still in this core's cache (XXH3-128 takes tens of microseconds
@@ -862,11 +894,16 @@ impl PartSink {
                         raw_len: len,
                         frame,
                     },
-                    hold,
+                    hold.is_set(),
                 )
             });
             codec::recycle_buffer(raw);
-            let _ = done.send(Compressed { queued, len, hash });
+            let _ = done.send(Compressed {
+                queued,
+                len,
+                hash,
+                done_at: Instant::now(),
+            });
         };
         compressor::submit(Box::new(job), &self.runtime);
         self.in_flight.push_back(task);
@@ -878,7 +915,13 @@ impl PartSink {
             let e = StorageError::internal("write", "a chunk task panicked or was cancelled");
             return Err(self.fail(e));
         };
-        let Compressed { queued, len, hash } = done;
+        let Compressed {
+            queued,
+            len,
+            hash,
+            done_at,
+        } = done;
+        self.compressed_at = self.compressed_at.max(Some(done_at));
         let outcome = match queued {
             Ok(stage) => {
                 match stage {
@@ -983,13 +1026,13 @@ impl PartSink {
     /// again (they may have moved on to the queued meanwhile): a slot handed
     /// to a writer that then waited for its store would be held from every
     /// other writer of the process for as long as that store is held up.
-    fn poll_dispatch(&mut self, cx: &mut Context<'_>, hold: bool) -> Poll<io::Result<()>> {
+    fn poll_dispatch(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.slot_wait.is_none() {
             ready!(self.poll_settle(cx, self.cfg.in_flight - 1, MAX_QUEUED))?;
             let slots = compressor::writer_slots();
             match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
-                    self.dispatch(slot, hold);
+                    self.dispatch(slot);
                     return Poll::Ready(Ok(()));
                 }
                 Err(_) => self.slot_wait = Some(Box::pin(slots.clone().acquire_owned())),
@@ -1000,7 +1043,7 @@ impl PartSink {
         self.slot_wait = None;
         match slot {
             Ok(slot) => {
-                self.dispatch(slot, hold);
+                self.dispatch(slot);
                 Poll::Ready(Ok(()))
             }
             Err(_) => {
@@ -1023,7 +1066,7 @@ impl PartSink {
             && self.slot_wait.is_none()
         {
             if let Ok(slot) = compressor::writer_slots().clone().try_acquire_owned() {
-                self.dispatch(slot, false);
+                self.dispatch(slot);
             }
         }
     }
@@ -1040,6 +1083,7 @@ impl PartSink {
                 .into_iter()
                 .map(Arc::new)
                 .collect(),
+            compressed_at: self.compressed_at,
         }
     }
 }
@@ -1071,7 +1115,7 @@ impl AsyncWrite for PartSink {
         // looking at the tasks on every small write (a line, a newline)
         // cost more than copying the bytes.
         if this.chunk_len() == this.cfg.chunk_size {
-            ready!(this.poll_dispatch(cx, false))?;
+            ready!(this.poll_dispatch(cx))?;
         }
         let n = data.len().min(this.cfg.chunk_size - this.chunk_len());
         this.buf.extend_from_slice(&data[..n]);
@@ -1117,15 +1161,21 @@ impl AsyncWrite for PartSink {
         if this.shut {
             return Poll::Ready(Ok(()));
         }
-        if (!this.buf.is_empty() || this.frame.is_some()) && this.deferred.is_none() {
+        if !this.hold.is_set() {
             let addr = sink_address(&*this);
-            let hold = this
+            if this
                 .registry
-                .with(|m| m.get(&addr).is_some_and(|r| r.hold_last));
-            let done =
-                hold && this.slot_wait.is_none() && (this.hold_last_inline()? || this.split_last());
+                .with(|m| m.get(&addr).is_some_and(|r| r.hold_last))
+            {
+                this.hold.set();
+            }
+        }
+        if (!this.buf.is_empty() || this.frame.is_some()) && this.deferred.is_none() {
+            let done = this.hold.is_set()
+                && this.slot_wait.is_none()
+                && (this.hold_last_inline()? || this.split_last());
             if !done {
-                ready!(this.poll_dispatch(cx, hold))?;
+                ready!(this.poll_dispatch(cx))?;
             }
         }
         ready!(this.poll_drain(cx))?;

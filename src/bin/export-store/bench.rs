@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlite_export_store::{
-    ExportJobId, ExportOutputStore, SqliteOutputStore, StoreOptions, DEFAULT_CHUNK_SIZE,
+    ExportJobId, ExportOutputStore, FinalizeTiming, SqliteOutputStore, StoreOptions,
+    DEFAULT_CHUNK_SIZE,
 };
 
 mod workload;
@@ -696,7 +697,7 @@ async fn serve_group(_: &Plan, _: &Arc<Corpus>, _: &mut Table) -> BenchResult<bo
 
 async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> BenchResult<()> {
     let parts = hfs_parts(corpus, plan.small_parts, HFS_BATCH);
-    let c = Contenders::open(&plan.dir, plan.options.clone())?;
+    let c = Contenders::open(&plan.dir, plan.options.clone().with_finalize_timings(true))?;
     let order = [Which::Store, Which::FsSync, Which::Fs];
     let mut lat: [Vec<Duration>; 3] = Default::default();
     let mut fin: [Vec<Duration>; 3] = Default::default();
@@ -717,6 +718,8 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
         }
     }
     let jobs: Vec<ExportJobId> = order.iter().map(|_| ExportJobId::new()).collect();
+    // Only the finalizes of HFS's way of writing are broken down.
+    c.store.take_finalize_timings();
     for (i, p) in parts.iter().enumerate() {
         for (j, w) in order.iter().enumerate() {
             let k = key(&jobs[j], i as u32);
@@ -766,6 +769,37 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
             "",
             ratio(fs_sync_fin, quantile(&fin[j], 0.5)),
         );
+    }
+    // Where the store's finalizes went, stage by stage
+    // (`StoreOptions::with_finalize_timings`).
+    let timings = c.store.take_finalize_timings();
+    type Stage = fn(&FinalizeTiming) -> Duration;
+    let stages: [(&str, Stage); 6] = [
+        ("  store: compressing what was left (both cores)", |t| {
+            t.compress
+        }),
+        ("  store: chunks queued before, stored; wake-up", |t| {
+            t.store_chunks
+        }),
+        ("  store: hand-off to the writer thread", |t| t.hand_off),
+        (
+            "  store: publish statements (held chunks stored, checks, flip)",
+            |t| t.statements,
+        ),
+        ("  store: durable commit (log written, fsync)", |t| t.commit),
+        ("  store: reply back", |t| t.reply),
+    ];
+    for (label, stage) in stages {
+        let xs: Vec<Duration> = timings.iter().map(stage).collect();
+        if !xs.is_empty() {
+            let (p50, p99) = (quantile(&xs, 0.5), quantile(&xs, 0.99));
+            let figure = format!(
+                "{:.2} / {:.2} ms",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            );
+            table.row(group, label, figure, "", "");
+        }
     }
     let publish: Vec<Duration> = shut[0].iter().zip(&seal[0]).map(|(f, s)| *f - *s).collect();
     table.row(
