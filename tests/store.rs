@@ -62,9 +62,11 @@ async fn synthea_export_round_trips_file_by_file() {
             (want.as_str(), DigestAlgorithm::Xxh3_128),
             "{ty}: digest is the XXH3-128 of the NDJSON (what xxhsum -H2 prints)"
         );
-        // Whole 1 MiB chunks; the last one cut in two at finalize when
-        // more than 256 KiB of it was still to compress (lines arrived
-        // faster than one chunk worker compresses them).
+        // 1 MiB chunks; at finalize the last one is cut in two when more
+        // than 256 KiB of it was still to compress, or the one before
+        // gives its waiting pieces to the last (lines arrived faster than
+        // one chunk worker compresses them), which moves a boundary and
+        // adds no chunk.
         let whole = (data.len() as u64).div_ceil(1 << 20);
         assert!(
             info.chunk_count == whole || info.chunk_count == whole + 1,
@@ -85,6 +87,71 @@ async fn synthea_export_round_trips_file_by_file() {
         ratio >= 12.0,
         "compression ratio {ratio:.1} below 12x on the Synthea sample"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_written_at_once_read_back_whole_at_every_size() {
+    // As HFS's export worker writes a batch: every line at once, then
+    // `finalize_part`, so that the finalize finds chunks still being
+    // compressed and redistributes what is left among the chunk workers.
+    // Sizes around the chunk size and its multiples, and far from them.
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteOutputStore::open(dir.path().join("s.db"), "http://h").unwrap();
+    let corpus = synthea("Encounter.000.ndjson");
+    let lines: Vec<&str> = std::str::from_utf8(&corpus)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .collect();
+    let sizes = [
+        (1 << 20) - 100,
+        (1 << 20) + 1_000,
+        1_100_000,
+        1_350_000,
+        1_800_000,
+        (2 << 20) + 5_000,
+        2_900_000,
+        4_500_000,
+    ];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let mut want = Vec::with_capacity(size + 4096);
+        let made: Vec<String> = lines
+            .iter()
+            .cycle()
+            .take_while(|l| {
+                let go = want.len() < size;
+                if go {
+                    want.extend_from_slice(l.as_bytes());
+                    want.push(b'\n');
+                }
+                go
+            })
+            .map(|l| l.to_string())
+            .collect();
+        let key = ExportPartKey::output("t", ExportJobId::from("j"), "Observation", i as u32, 1);
+        let mut w = store.open_writer(&key).await.unwrap();
+        for line in &made {
+            w.write_line(line).await.unwrap();
+        }
+        store.finalize_part(&key, w).await.unwrap();
+        assert!(
+            read_all(&store, &key).await.unwrap() == want,
+            "a part of {} bytes read back differently",
+            want.len()
+        );
+        let info = store.part_info(&key).await.unwrap();
+        assert_eq!(info.size_bytes, want.len() as u64);
+        let whole = (want.len() as u64).div_ceil(1 << 20);
+        assert!(
+            info.chunk_count == whole || info.chunk_count == whole + 1,
+            "{} chunks for {} bytes",
+            info.chunk_count,
+            want.len()
+        );
+    }
+    let report = store.verify().await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.parts_checked, sizes.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -521,6 +521,10 @@ pub(crate) struct PartSink {
     streams: bool,
     /// The current chunk's frame, once a piece of it was handed off.
     frame: Option<Arc<OpenFrame>>,
+    /// The frame of the chunk before, once its last piece was handed off:
+    /// its job may still have pieces to compress when the part is
+    /// finalized ([`PartSink::rebalance_ended`]).
+    ended: Option<Arc<OpenFrame>>,
     /// Bytes of the current chunk handed off in pieces (`buf` holds the
     /// rest).
     chunk_fill: usize,
@@ -570,6 +574,7 @@ impl PartSink {
                 && !(cfg.digest == DigestAlgorithm::Blake3
                     && digest::tree_compatible(cfg.chunk_size)),
             frame: None,
+            ended: None,
             chunk_fill: 0,
             cfg,
             next_seq: 0,
@@ -682,6 +687,7 @@ impl PartSink {
             st.end = Some(end);
         }
         self.next_seq += 1;
+        self.ended = Some(frame.clone());
         self.submit_pieces(frame, slot);
         self.in_flight.push_back(task);
     }
@@ -837,6 +843,71 @@ impl PartSink {
         raw.extend_from_slice(&self.buf);
         self.buf.clear();
         self.dispatch_raw(raw, moved_bytes, b);
+        true
+    }
+
+    /// At finalize, when the part's last chunk is all buffered (none of it
+    /// was handed off in pieces: the chunk before was still being
+    /// compressed) while the chunk before still has more pieces waiting for
+    /// its frame's job than the buffer holds (a producer that wrote the
+    /// part at once, as HFS does): the pieces at the back of that frame's
+    /// queue move to the front of the last chunk until the two are about
+    /// even, and the last chunk goes to a second chunk worker, so that both
+    /// cores compress what is left rather than one core most of it. The
+    /// earlier chunk ends where its job stops (its sequence number and
+    /// offset were fixed when it was ended, and a frame's length is what
+    /// its job compressed); the last chunk starts there, and is held.
+    /// Returns whether it did (it needs a chunk slot at once); if not, the
+    /// last chunk goes off as usual.
+    fn rebalance_ended(&mut self) -> bool {
+        if self.frame.is_some() || self.buf.is_empty() {
+            return false;
+        }
+        let Some(frame) = self.ended.clone() else {
+            return false;
+        };
+        let mut moved: VecDeque<Vec<u8>> = VecDeque::new();
+        {
+            let mut st = frame.state();
+            // Its job has taken the end: it is ending the frame now.
+            if st.end.is_none() || st.failed.is_some() {
+                return false;
+            }
+            let mut queued: usize = st.pieces.iter().map(Vec::len).sum();
+            let mut tail = self.buf.len();
+            let mut take = 0;
+            // As in split_last: never the frame's first waiting piece, so
+            // the frame keeps something to end with.
+            for b in st.pieces.iter().rev().map(Vec::len) {
+                if queued <= tail || tail + b >= queued {
+                    break;
+                }
+                queued -= b;
+                tail += b;
+                take += 1;
+            }
+            if take == 0 {
+                return false;
+            }
+            let Ok(slot) = compressor::writer_slots().clone().try_acquire_owned() else {
+                return false;
+            };
+            for _ in 0..take {
+                moved.push_front(st.pieces.pop_back().expect("counted"));
+            }
+            drop(st);
+            let moved_bytes: usize = moved.iter().map(Vec::len).sum();
+            // The earlier chunk is shorter by what moved.
+            self.dispatched_bytes -= moved_bytes as u64;
+            let mut raw = codec::take_buffer(moved_bytes + self.buf.len());
+            for piece in moved {
+                raw.extend_from_slice(&piece);
+                recycle_piece(piece);
+            }
+            raw.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.dispatch_raw(raw, moved_bytes, slot);
+        }
         true
     }
 
@@ -1173,7 +1244,7 @@ impl AsyncWrite for PartSink {
         if (!this.buf.is_empty() || this.frame.is_some()) && this.deferred.is_none() {
             let done = this.hold.is_set()
                 && this.slot_wait.is_none()
-                && (this.hold_last_inline()? || this.split_last());
+                && (this.split_last() || this.rebalance_ended() || this.hold_last_inline()?);
             if !done {
                 ready!(this.poll_dispatch(cx))?;
             }
