@@ -521,9 +521,11 @@ pub(crate) struct PartSink {
     streams: bool,
     /// The current chunk's frame, once a piece of it was handed off.
     frame: Option<Arc<OpenFrame>>,
-    /// The frame of the chunk before, once its last piece was handed off:
+    /// The frame of the chunk just before the current one, once its last
+    /// piece was handed off (`None` when the chunk before is not a frame):
     /// its job may still have pieces to compress when the part is
-    /// finalized ([`PartSink::rebalance_ended`]).
+    /// finalized ([`PartSink::rebalance_ended`]), which only the chunk
+    /// right after it may take over.
     ended: Option<Arc<OpenFrame>>,
     /// Bytes of the current chunk handed off in pieces (`buf` holds the
     /// rest).
@@ -768,6 +770,7 @@ impl PartSink {
             frame,
         });
         self.next_seq += 1;
+        self.ended = None;
         self.dispatched_bytes += raw_len;
         self.chunk_fill = 0;
         Ok(true)
@@ -922,6 +925,8 @@ impl PartSink {
     fn dispatch_raw(&mut self, raw: Vec<u8>, hashed: usize, slot: OwnedSemaphorePermit) {
         let args = (self.part_id, self.next_seq, self.dispatched_bytes);
         self.next_seq += 1;
+        // The chunk before the next one is this one, not a frame.
+        self.ended = None;
         self.dispatched_bytes += raw.len() as u64;
         let db = Arc::downgrade(&self.db);
         let level = self.cfg.level;
