@@ -111,8 +111,10 @@ pub(crate) struct SinkRecord {
     pub key: ExportPartKey,
     pub sealed: Option<Sealed>,
     pub published: bool,
-    /// Set by `finalize_part` before it shuts the writer down: the last
-    /// chunk is then compressed but not stored ([`Sealed::last`]).
+    /// Set by `finalize_part` before it shuts the writer down: every chunk
+    /// whose compression ends from then on, the last one included, is kept
+    /// for the publishing transaction rather than stored on its own
+    /// ([`Sealed::held`]).
     pub hold_last: bool,
 }
 
