@@ -499,6 +499,24 @@ fn stage_frame(
         .map(|ack| Stage::Queued((n, ack)))
 }
 
+/// How many pieces at the back of a frame's queue `pieces` move to a chunk
+/// that already holds `tail` bytes so that the two are about even, and the
+/// chunk's size then. Never the queue's first piece: the frame keeps
+/// something to end with.
+fn pieces_to_even(pieces: &VecDeque<Vec<u8>>, mut tail: usize) -> (usize, usize) {
+    let mut queued: usize = pieces.iter().map(Vec::len).sum();
+    let mut take = 0;
+    for b in pieces.iter().rev().map(Vec::len) {
+        if queued <= tail || tail + b >= queued {
+            break;
+        }
+        queued -= b;
+        tail += b;
+        take += 1;
+    }
+    (take, tail)
+}
+
 /// Settings a sink needs from the store.
 pub(crate) struct SinkConfig {
     pub chunk_size: usize,
@@ -813,16 +831,8 @@ impl PartSink {
         let (end, task) = self.frame_end(self.dispatched_bytes);
         {
             let mut st = frame.state();
-            let mut queued: usize = st.pieces.iter().map(Vec::len).sum();
-            let mut take = 0;
-            for b in st.pieces.iter().rev().map(Vec::len) {
-                if queued <= tail || tail + b >= queued {
-                    break;
-                }
-                queued -= b;
-                tail += b;
-                take += 1;
-            }
+            let take;
+            (take, tail) = pieces_to_even(&st.pieces, tail);
             // Too little for a second worker: the frame's job takes it all.
             if tail < PIECE / 2 {
                 return false;
@@ -840,6 +850,15 @@ impl PartSink {
         self.frame = None;
         self.submit_pieces(frame, a);
         self.in_flight.push_back(task);
+        self.dispatch_with_buffer(moved, b);
+        true
+    }
+
+    /// Sends `moved` (pieces taken from the back of a frame's queue,
+    /// already hashed into the part's digest) followed by the buffered
+    /// bytes off as one whole chunk, in `slot`.
+    fn dispatch_with_buffer(&mut self, moved: VecDeque<Vec<u8>>, slot: OwnedSemaphorePermit) {
+        let moved_bytes: usize = moved.iter().map(Vec::len).sum();
         let mut raw = codec::take_buffer(moved_bytes + self.buf.len());
         for piece in moved {
             raw.extend_from_slice(&piece);
@@ -847,8 +866,7 @@ impl PartSink {
         }
         raw.extend_from_slice(&self.buf);
         self.buf.clear();
-        self.dispatch_raw(raw, moved_bytes, b);
-        true
+        self.dispatch_raw(raw, moved_bytes, slot);
     }
 
     /// At finalize, when the part's last chunk is all buffered (none of it
@@ -878,19 +896,7 @@ impl PartSink {
             if st.end.is_none() || st.failed.is_some() {
                 return false;
             }
-            let mut queued: usize = st.pieces.iter().map(Vec::len).sum();
-            let mut tail = self.buf.len();
-            let mut take = 0;
-            // As in split_last: never the frame's first waiting piece, so
-            // the frame keeps something to end with.
-            for b in st.pieces.iter().rev().map(Vec::len) {
-                if queued <= tail || tail + b >= queued {
-                    break;
-                }
-                queued -= b;
-                tail += b;
-                take += 1;
-            }
+            let (take, _) = pieces_to_even(&st.pieces, self.buf.len());
             if take == 0 {
                 return false;
             }
@@ -901,17 +907,9 @@ impl PartSink {
                 moved.push_front(st.pieces.pop_back().expect("counted"));
             }
             drop(st);
-            let moved_bytes: usize = moved.iter().map(Vec::len).sum();
             // The earlier chunk is shorter by what moved.
-            self.dispatched_bytes -= moved_bytes as u64;
-            let mut raw = codec::take_buffer(moved_bytes + self.buf.len());
-            for piece in moved {
-                raw.extend_from_slice(&piece);
-                recycle_piece(piece);
-            }
-            raw.extend_from_slice(&self.buf);
-            self.buf.clear();
-            self.dispatch_raw(raw, moved_bytes, slot);
+            self.dispatched_bytes -= moved.iter().map(Vec::len).sum::<usize>() as u64;
+            self.dispatch_with_buffer(moved, slot);
         }
         true
     }
