@@ -701,6 +701,8 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
     let order = [Which::Store, Which::FsSync, Which::Fs];
     let mut lat: [Vec<Duration>; 3] = Default::default();
     let mut fin: [Vec<Duration>; 3] = Default::default();
+    let mut whole: [Vec<Duration>; 3] = Default::default();
+    let mut opens: [Vec<Duration>; 3] = Default::default();
     let mut seal: [Vec<Duration>; 3] = Default::default();
     let jobs: Vec<ExportJobId> = order.iter().map(|_| ExportJobId::new()).collect();
     let mut shut: [Vec<Duration>; 3] = Default::default();
@@ -725,6 +727,8 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
             let k = key(&jobs[j], i as u32);
             let t = write_part_timed(c.get(*w), &k, p, Producer::Hfs).await?;
             fin[j].push(t.finalize);
+            whole[j].push(t.write + t.finalize);
+            opens[j].push(t.open);
         }
     }
     let mean_bytes = parts.iter().map(Part::bytes).sum::<u64>() / parts.len() as u64;
@@ -768,6 +772,37 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
             format!("{} (p50 / p99)", p50_p99(&fin[j])),
             "",
             ratio(fs_sync_fin, quantile(&fin[j], 0.5)),
+        );
+    }
+    // What the store costs HFS's worker per part in all: the writes (into a
+    // buffer for the store, through a 64 KiB buffer into a file for local
+    // fs) and the finalize.
+    let p50_p99_fine = |xs: &[Duration]| {
+        format!(
+            "{:.2} / {:.2} ms",
+            quantile(xs, 0.5).as_secs_f64() * 1e3,
+            quantile(xs, 0.99).as_secs_f64() * 1e3
+        )
+    };
+    let group_whole =
+        "a part as HFS 0.2.7 writes it: open_writer → finalize returned (lines made before)";
+    let fs_sync_whole = quantile(&whole[1], 0.5);
+    for (j, w) in order.iter().enumerate() {
+        table.row(
+            group_whole,
+            w.label(),
+            format!("{} (p50 / p99)", p50_p99_fine(&whole[j])),
+            "",
+            ratio(fs_sync_whole, quantile(&whole[j], 0.5)),
+        );
+    }
+    for (j, w) in order.iter().enumerate() {
+        table.row(
+            group_whole,
+            &format!("  of which open_writer, {}", w.label()),
+            format!("{} (p50 / p99)", p50_p99_fine(&opens[j])),
+            "",
+            "",
         );
     }
     // Where the store's finalizes went, stage by stage
@@ -824,6 +859,16 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
         group,
         "  one fsync here (a stored part's size appended)",
         p50_p99(&fsync),
+        "",
+        "",
+    );
+    // The floor of the compression stage: the whole part compressed on both
+    // cores, nothing else (two threads spawned per figure, included).
+    let floor = workload::compress_on_two_cores(&parts[0], plan.level, 30)?;
+    table.row(
+        group,
+        "  floor: the whole part compressed on both cores at the store's level, nothing else",
+        p50_p99(&floor),
         "",
         "",
     );
