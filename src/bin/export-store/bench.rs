@@ -764,16 +764,24 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
     let group = "finalize as HFS 0.2.7 writes a part (lines made first, written at once): last line → finalize returned";
     let p50_p99 =
         |xs: &[Duration]| format!("{} / {} ms", ms(quantile(xs, 0.5)), ms(quantile(xs, 0.99)));
-    let fs_sync_fin = quantile(&fin[1], 0.5);
-    for (j, w) in order.iter().enumerate() {
-        table.row(
-            group,
-            w.label(),
-            format!("{} (p50 / p99)", p50_p99(&fin[j])),
-            "",
-            ratio(fs_sync_fin, quantile(&fin[j], 0.5)),
-        );
-    }
+    // One row per contender, the ratio against local fs + fsync's median.
+    let by_contender = |table: &mut Table,
+                        group: &str,
+                        xs: &[Vec<Duration>; 3],
+                        shown: &dyn Fn(&[Duration]) -> String| {
+        let sync = quantile(&xs[1], 0.5);
+        for (j, w) in order.iter().enumerate() {
+            let figure = format!("{} (p50 / p99)", shown(&xs[j]));
+            table.row(
+                group,
+                w.label(),
+                figure,
+                "",
+                ratio(sync, quantile(&xs[j], 0.5)),
+            );
+        }
+    };
+    by_contender(table, group, &fin, &p50_p99);
     // What the store costs HFS's worker per part in all: the writes (into a
     // buffer for the store, through a 64 KiB buffer into a file for local
     // fs) and the finalize.
@@ -786,16 +794,7 @@ async fn small_group(plan: &Plan, corpus: &Arc<Corpus>, table: &mut Table) -> Be
     };
     let group_whole =
         "a part as HFS 0.2.7 writes it: open_writer → finalize returned (lines made before)";
-    let fs_sync_whole = quantile(&whole[1], 0.5);
-    for (j, w) in order.iter().enumerate() {
-        table.row(
-            group_whole,
-            w.label(),
-            format!("{} (p50 / p99)", p50_p99_fine(&whole[j])),
-            "",
-            ratio(fs_sync_whole, quantile(&whole[j], 0.5)),
-        );
-    }
+    by_contender(table, group_whole, &whole, &p50_p99_fine);
     for (j, w) in order.iter().enumerate() {
         table.row(
             group_whole,
