@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
 
+use super::check::{ChunkRows, PartCheck};
 use super::chunk::fetch_chunk;
 use super::db::{read_blocking, vacuum_step};
-use super::digest::{hash_chunk, PartHasher};
 use super::failpoint;
 use super::immediate;
 use super::sql::{self, now_ms, PartRow};
@@ -431,22 +431,14 @@ fn check_part(
 ) -> StorageResult<bool> {
     let op = "verify";
     let gone = |e: &StorageError| e.is_not_found();
-    let mut received = 0_u64;
-    let mut digest = PartHasher::new(row.digest_algorithm);
+    let mut check = PartCheck::new(op, row);
     for seq in 0..row.chunk_count {
         let (offset, bytes) = match fetch_chunk(pool, row.id, seq) {
             Ok(chunk) => chunk,
             Err(e) if gone(&e) => return Ok(false),
             Err(e) => return Err(e),
         };
-        if offset != received {
-            return Err(StorageError::corrupt(
-                op,
-                format!("chunk {seq} starts at byte {offset} where byte {received} was expected"),
-            ));
-        }
-        received += bytes.len() as u64;
-        digest.push(&bytes, hash_chunk(row.digest_algorithm, offset, &bytes))?;
+        check.push_content(offset, &bytes)?;
         report.chunks_checked += 1;
         report.bytes_checked += bytes.len() as u64;
         at.bytes_done += bytes.len() as u64;
@@ -460,47 +452,10 @@ fn check_part(
     let Some(totals) = totals else {
         return Ok(false);
     };
-    if totals.chunks != row.chunk_count || !totals.contiguous {
-        return Err(StorageError::corrupt(
-            op,
-            format!(
-                "the part has {} chunk rows{} where {} were recorded",
-                totals.chunks,
-                if totals.contiguous {
-                    ""
-                } else {
-                    " out of sequence"
-                },
-                row.chunk_count
-            ),
-        ));
-    }
-    if received != row.byte_count {
-        return Err(StorageError::corrupt(
-            op,
-            format!(
-                "the part holds {received} bytes where {} were recorded",
-                row.byte_count
-            ),
-        ));
-    }
-    if totals.stored_bytes != row.stored_bytes {
-        return Err(StorageError::corrupt(
-            op,
-            format!(
-                "the part's frames take {} bytes where {} were recorded",
-                totals.stored_bytes, row.stored_bytes
-            ),
-        ));
-    }
-    if digest.finish_hex() != row.digest {
-        return Err(StorageError::corrupt(
-            op,
-            format!(
-                "the part's content does not match its recorded {} digest",
-                row.digest_algorithm.label()
-            ),
-        ));
-    }
+    check.finish(ChunkRows {
+        count: totals.chunks,
+        contiguous: totals.contiguous,
+        stored_bytes: totals.stored_bytes,
+    })?;
     Ok(true)
 }

@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
-use super::codec;
+use super::check::PartCheck;
 use super::db::open_checked_read_only;
-use super::digest::{hash_chunk, PartHasher};
 use super::maintenance::VerifyProblem;
 use super::sql::{self, ChunkRow, PartRow, Publish};
 use super::SqliteOutputStore;
@@ -199,7 +198,7 @@ impl SqliteOutputStore {
     ) -> StorageResult<bool> {
         let op = "mirror";
         let busy = self.options().busy_timeout;
-        let mut check = PartCheck::new(&row);
+        let mut check = PartCheck::new(op, &row);
         let mut staged: Option<i64> = None;
         let mut next_seq = 0_u64;
         loop {
@@ -224,11 +223,11 @@ impl SqliteOutputStore {
                     format!("chunk {next_seq} of the part is missing in the source"),
                 ));
             }
-            let checked = chunks.iter().try_for_each(|c| check.push(c));
+            let checked = chunks.iter().try_for_each(|c| check.push_frame(c));
             next_seq += chunks.len() as u64;
             let last = next_seq >= row.chunk_count;
             let finished = if last {
-                checked.and_then(|()| check.finish())
+                checked.and_then(|()| check.finish(check.pushed()))
             } else {
                 checked
             };
@@ -337,96 +336,6 @@ fn stage(
         .map_err(sql)?;
     }
     Ok(id)
-}
-
-/// The running check of one part's chunks against its row.
-struct PartCheck {
-    row: PartRow,
-    hasher: Option<PartHasher>,
-    received: u64,
-    stored: u64,
-    seen: u64,
-    buf: Vec<u8>,
-}
-
-impl PartCheck {
-    fn new(row: &PartRow) -> PartCheck {
-        PartCheck {
-            row: row.clone(),
-            hasher: Some(PartHasher::new(row.digest_algorithm)),
-            received: 0,
-            stored: 0,
-            seen: 0,
-            buf: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, chunk: &ChunkRow) -> StorageResult<()> {
-        let op = "mirror";
-        let seq = self.seen;
-        if chunk.raw_offset != self.received {
-            return Err(StorageError::corrupt(
-                op,
-                format!(
-                    "chunk {seq} starts at byte {} where byte {} was expected",
-                    chunk.raw_offset, self.received
-                ),
-            ));
-        }
-        codec::decompress_into(&chunk.frame, chunk.raw_len as usize, &mut self.buf)
-            .map_err(|e| StorageError::corrupt(op, format!("chunk {seq}: {}", e.message())))?;
-        let alg = self.row.digest_algorithm;
-        if let Some(h) = self.hasher.as_mut() {
-            h.push(&self.buf, hash_chunk(alg, chunk.raw_offset, &self.buf))?;
-        }
-        self.received += chunk.raw_len;
-        self.stored += chunk.frame.len() as u64;
-        self.seen += 1;
-        Ok(())
-    }
-
-    fn finish(&mut self) -> StorageResult<()> {
-        let op = "mirror";
-        let row = &self.row;
-        if self.seen != row.chunk_count {
-            return Err(StorageError::corrupt(
-                op,
-                format!(
-                    "the part has {} chunk rows where {} were recorded",
-                    self.seen, row.chunk_count
-                ),
-            ));
-        }
-        if self.received != row.byte_count {
-            return Err(StorageError::corrupt(
-                op,
-                format!(
-                    "the part holds {} bytes where {} were recorded",
-                    self.received, row.byte_count
-                ),
-            ));
-        }
-        if self.stored != row.stored_bytes {
-            return Err(StorageError::corrupt(
-                op,
-                format!(
-                    "the part's frames take {} bytes where {} were recorded",
-                    self.stored, row.stored_bytes
-                ),
-            ));
-        }
-        let digest = self.hasher.take().map(PartHasher::finish_hex);
-        if digest.as_deref() != Some(row.digest.as_str()) {
-            return Err(StorageError::corrupt(
-                op,
-                format!(
-                    "the part's content does not match its recorded {} digest",
-                    row.digest_algorithm.label()
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// Runs `f` in one read transaction on a connection of its own to the

@@ -9,8 +9,9 @@
 //!   `finalize.rs` (sealing writers and publishing their parts, one at a
 //!   time or several in one transaction), `maintenance.rs` (the operator's
 //!   methods: reclaim, prune, verify, space), `backup.rs` (the online
-//!   copy) and `mirror.rs` (a replica's parts kept equal to another store
-//!   file's, part by part, checked);
+//!   copy), `mirror.rs` (a replica's parts kept equal to another store
+//!   file's, part by part, checked) and `check.rs` (one finished part's
+//!   chunks checked against its row, for verify and the mirror);
 //! - the streams: `writer.rs` (the staging `AsyncWrite`), `reader.rs`
 //!   (the verifying `AsyncRead`) and `chunk.rs` (one stored chunk read
 //!   back, for the reader, verify and downloads);
@@ -33,6 +34,7 @@
 //! nothing of the server, the test kit or the HFS adapter.
 
 pub(crate) mod backup;
+pub(crate) mod check;
 pub(crate) mod checkpointer;
 pub(crate) mod chunk;
 pub(crate) mod codec;
