@@ -23,15 +23,16 @@
 #![cfg(feature = "litestream-tests")]
 
 mod litestream_support;
+mod server_support;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use litestream_support::{quantile, Follower, Replication};
+use server_support::ServeProcess;
 use sqlite_export_store::{
     Checkpoints, ExportJobId, ExportOutputStore, ExportPartKey, SqliteOutputStore, StoreOptions,
     TenantContext, TenantId,
@@ -82,55 +83,6 @@ async fn write_part(
     w.byte_count = bytes.len() as u64;
     w.line_count = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
     w
-}
-
-/// `export-store serve --db DB --addr 127.0.0.1:0 ARGS`, its logs in a
-/// file; killed on drop.
-struct Serve {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(db: &Path, log: PathBuf, args: &[&str]) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_export-store"))
-            .arg("serve")
-            .arg("--db")
-            .arg(db)
-            .args(["--addr", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let base = first
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "unexpected first line {first:?}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })
-            .to_string();
-        Serve { child, base, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What a GET answered: a whole body with 200, another status, or a body
@@ -274,16 +226,8 @@ fn a_read_only_replica_serves_what_the_primary_finalized() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let replica = Serve::start(
-        &served,
-        dir.path().join("replica-serve.log"),
-        &["--read-only"],
-    );
-    let origin = Serve::start(
-        &primary,
-        dir.path().join("primary-serve.log"),
-        &["--read-only"],
-    );
+    let replica = ServeProcess::start(&served, &["--read-only".as_ref()]);
+    let origin = ServeProcess::start(&primary, &["--read-only".as_ref()]);
     let http = reqwest::Client::new();
 
     // Downloads from the replica all along: every 200 whole and right.

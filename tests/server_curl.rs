@@ -5,7 +5,6 @@
 
 mod server_support;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -214,8 +213,7 @@ fn curl_downloads_from_the_real_binary() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(exit.success(), "{exit:?}");
-    let mut logs = String::new();
-    server.stderr.read_to_string(&mut logs).unwrap();
+    let logs = server.logs();
     assert!(
         logs.contains("response sent") && logs.contains("status=206"),
         "{logs}"

@@ -166,14 +166,15 @@ pub async fn narrow_get(
 
 /// `export-store serve`, the real binary, started on `127.0.0.1:0` with
 /// `args` after `serve --db DB --addr 127.0.0.1:0`; killed when dropped, so
-/// a test that fails midway leaves no server behind.
+/// a test that fails midway leaves no server behind. Its standard error
+/// (the logs) goes to a file, readable at any time and never a pipe that a
+/// long test could fill until the server blocks.
 pub struct ServeProcess {
     /// The running binary.
     pub child: std::process::Child,
-    /// Its standard error (the logs), for reading once it has stopped.
-    pub stderr: std::process::ChildStderr,
     /// `http://127.0.0.1:PORT`, from its first line of output.
     pub base: String,
+    log: tempfile::NamedTempFile,
 }
 
 impl ServeProcess {
@@ -181,6 +182,7 @@ impl ServeProcess {
     pub fn start(db: &std::path::Path, args: &[&std::ffi::OsStr]) -> ServeProcess {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
+        let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_export-store"))
             .arg("serve")
             .arg("--db")
@@ -188,34 +190,34 @@ impl ServeProcess {
             .args(["--addr", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let stderr = child.stderr.take().unwrap();
         let mut first = String::new();
         stdout.read_line(&mut first).unwrap();
         let mut process = ServeProcess {
             child,
-            stderr,
             base: String::new(),
+            log,
         };
-        process.base = first
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_string();
+        process.base = match first.trim().strip_prefix("listening on ") {
+            Some(base) => base.to_string(),
+            None => panic!("unexpected first line {first:?}: {}", process.logs()),
+        };
         process
+    }
+
+    /// Everything it has logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     /// Stops the binary (SIGKILL) and returns everything it logged.
     pub fn kill_and_read_logs(&mut self) -> String {
-        use std::io::Read;
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut logs = String::new();
-        self.stderr.read_to_string(&mut logs).unwrap();
-        logs
+        self.logs()
     }
 }
 
