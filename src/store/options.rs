@@ -71,12 +71,17 @@ pub enum Checkpoints {
 /// The zstd level a store compresses at unless told otherwise: 2.
 ///
 /// Measured on the Synthea sample as HFS writes it (`export-store bench
-/// --groups small,ratio --level N`, 2 cores): level 2 stores it 17.0–17.2×
-/// smaller (the file 15.3–15.5×), level 3 16.8–16.9× (15.2–15.3×), level 1
-/// 16.5–16.7×, level −1 11.3×; what is left to compress when HFS finalizes
-/// a part (p50) takes 1.9 ms at level 2 against 3.0 ms at level 3, and one
-/// large part is written about 15% faster. Level 3 bought nothing on FHIR
-/// NDJSON for the time it costs on the path HFS waits on.
+/// --groups small,ratio --level N`). On a 2-core AMD EPYC: level 2 stores
+/// it 17.0–17.2× smaller (the file 15.3–15.5×), level 3 16.8–16.9×
+/// (15.2–15.3×), level 1 16.5–16.7×, level −1 11.3×; what is left to
+/// compress when HFS finalizes a part (p50) takes 1.9 ms at level 2 against
+/// 3.0 ms at level 3, and one large part is written about 15% faster. On a
+/// 2-core Intel Xeon, after the finalize moved its compression onto both
+/// cores: the file 15.4× smaller at level 2, 10.7× at −1, 9.7× at −5, and
+/// a finalize of 1.2–1.3 ms (p50) at all three, since the faster levels'
+/// bigger frames make a longer commit. Level 3 bought nothing on FHIR
+/// NDJSON for the time it costs on the path HFS waits on; the fast levels
+/// buy no time there either.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 2;
 
 /// Options for opening a store. Build with [`StoreOptions::default`] and the
