@@ -26,7 +26,7 @@ mod watch_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hfs_support::*;
@@ -382,48 +382,6 @@ fn deleting_an_export_removes_its_status_its_files_and_its_parts() {
 // 4. Bulk submit from a provider served by the test
 // ---------------------------------------------------------------------------
 
-/// A Data Provider: a Bulk Data manifest and its files, served on
-/// 127.0.0.1:0; records what it was asked for.
-struct Provider {
-    base: String,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-async fn provider(files: BTreeMap<String, (String, Vec<u8>)>) -> Provider {
-    use axum::extract::{Path, State};
-    use axum::http::{header, StatusCode as S};
-    use axum::response::IntoResponse;
-
-    type Files = Arc<BTreeMap<String, (String, Vec<u8>)>>;
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let seen = requests.clone();
-    let app = axum::Router::new()
-        .route(
-            "/{name}",
-            axum::routing::get(
-                move |State(files): State<Files>,
-                      method: axum::http::Method,
-                      Path(name): Path<String>| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.lock().unwrap().push(format!("{method} /{name}"));
-                        match files.get(&name) {
-                            Some((ct, body)) => {
-                                ([(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response()
-                            }
-                            None => S::NOT_FOUND.into_response(),
-                        }
-                    }
-                },
-            ),
-        )
-        .with_state(Arc::new(files));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Provider { base, requests }
-}
-
 #[test]
 fn bulk_submit_with_output_and_deleted_files_completes_and_serves_its_receipts() {
     let sample = Sample::load();
@@ -438,12 +396,7 @@ fn bulk_submit_with_output_and_deleted_files_completes_and_serves_its_receipts()
         let http = http();
         let patients = &sample.resources["Patient"];
         let conditions = &sample.resources["Condition"];
-        let ndjson = |rs: &[Value]| {
-            rs.iter()
-                .map(|r| format!("{r}\n"))
-                .collect::<String>()
-                .into_bytes()
-        };
+        let ndjson = ndjson_of;
         let gone_patient = patients[0]["id"].as_str().unwrap().to_string();
         let gone_condition = conditions[0]["id"].as_str().unwrap().to_string();
         let deleted = json!({
@@ -485,58 +438,16 @@ fn bulk_submit_with_output_and_deleted_files_completes_and_serves_its_receipts()
             ],
             "error": [],
         });
-        let mut index = BTreeMap::new();
-        index.insert(
-            "manifest.json".to_string(),
-            (
-                "application/json".to_string(),
-                manifest.to_string().into_bytes(),
-            ),
-        );
-        let meta = provider(index).await;
-        let manifest_url = format!("{}/manifest.json", meta.base);
-
-        let submitter =
-            json!({"system": "https://example.org/providers", "value": "export-store-test"});
-        let kickoff = json!({
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "submitter", "valueIdentifier": submitter},
-                {"name": "submissionId", "valueString": "synthea-1"},
-                {"name": "manifestUrl", "valueString": manifest_url},
-                {"name": "fhirBaseUrl", "valueString": format!("{}/fhir", data.base)},
-                {"name": "submissionStatus", "valueCoding": {
-                    "system": "http://hl7.org/fhir/event-status", "code": "completed"}},
-            ],
-        });
+        let (manifest_url, meta) = serve_manifest(&manifest).await;
+        let submission =
+            Submission::completed("export-store-test", "synthea-1", &manifest_url, &data.base);
         let started = Instant::now();
-        let r = http
-            .post(hfs.url("/$bulk-submit"))
-            .header("content-type", "application/fhir+json")
-            .body(kickoff.to_string())
-            .send()
-            .await
-            .unwrap();
-        let code = r.status();
-        let body = r.text().await.unwrap();
-        assert_eq!(
-            code,
-            StatusCode::OK,
-            "$bulk-submit: {body}\n{}",
-            hfs.log_tail()
-        );
+        submission.submit_to(&http, &hfs).await;
 
-        let status_request = json!({
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "submitter", "valueIdentifier": submitter},
-                {"name": "submissionId", "valueString": "synthea-1"},
-            ],
-        });
         let r = http
             .post(hfs.url("/$bulk-submit-status"))
             .header("content-type", "application/fhir+json")
-            .body(status_request.to_string())
+            .body(submission.status_request.to_string())
             .send()
             .await
             .unwrap();

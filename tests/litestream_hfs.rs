@@ -50,7 +50,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hfs_support::*;
 use litestream_support::{quantile, Replication, Settings, BUCKET};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// The sample's types that are loaded and exported: no conditional
 /// references among them, 579 resources.
@@ -373,103 +373,16 @@ async fn run_export(
     }
 }
 
-/// A Bulk Data provider on 127.0.0.1:0 serving `files` by name.
-async fn provider(files: BTreeMap<String, (String, Vec<u8>)>) -> String {
-    use axum::extract::{Path, State};
-    use axum::http::{header, StatusCode as S};
-    use axum::response::IntoResponse;
-
-    type Files = Arc<BTreeMap<String, (String, Vec<u8>)>>;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = axum::Router::new()
-        .route(
-            "/{name}",
-            axum::routing::get(
-                |State(files): State<Files>, Path(name): Path<String>| async move {
-                    match files.get(&name) {
-                        Some((ct, body)) => {
-                            ([(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response()
-                        }
-                        None => S::NOT_FOUND.into_response(),
-                    }
-                },
-            ),
-        )
-        .with_state(Arc::new(files));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    base
-}
-
 /// `$bulk-submit` of `types` of the sample (served by a provider of the
 /// test); returns the `$bulk-submit-status` request.
 async fn submit(http: &reqwest::Client, base: &str, sample: &Sample, types: &[&str]) -> Value {
-    let ndjson = |rs: &[Value]| {
-        rs.iter()
-            .map(|r| format!("{r}\n"))
-            .collect::<String>()
-            .into_bytes()
-    };
-    let ct = "application/fhir+ndjson".to_string();
-    let mut files = BTreeMap::new();
-    for t in types {
-        files.insert(
-            format!("{t}.ndjson"),
-            (ct.clone(), ndjson(&sample.resources[*t])),
-        );
-    }
-    let data = provider(files).await;
-    let output: Vec<Value> = types
-        .iter()
-        .map(|t| {
-            json!({"type": t, "url": format!("{data}/{t}.ndjson"),
-                   "count": sample.resources[*t].len()})
-        })
-        .collect();
-    let manifest = json!({
-        "transactionTime": "2025-01-01T00:00:00Z",
-        "request": format!("{data}/$export"),
-        "requiresAccessToken": false,
-        "output": output,
-        "error": [],
-    });
-    let meta = provider(BTreeMap::from([(
-        "manifest.json".to_string(),
-        (
-            "application/json".to_string(),
-            manifest.to_string().into_bytes(),
-        ),
-    )]))
-    .await;
-    let submitter = json!({"system": "https://example.org/providers", "value": "node-loss"});
-    let kickoff = json!({
-        "resourceType": "Parameters",
-        "parameter": [
-            {"name": "submitter", "valueIdentifier": submitter},
-            {"name": "submissionId", "valueString": "node-loss-1"},
-            {"name": "manifestUrl", "valueString": format!("{meta}/manifest.json")},
-            {"name": "fhirBaseUrl", "valueString": format!("{data}/fhir")},
-            {"name": "submissionStatus", "valueCoding": {
-                "system": "http://hl7.org/fhir/event-status", "code": "completed"}},
-        ],
-    });
-    let r = http
-        .post(format!("{base}/$bulk-submit"))
-        .header("content-type", "application/fhir+json")
-        .body(kickoff.to_string())
-        .send()
-        .await
-        .unwrap();
-    let code = r.status();
-    let body = r.text().await.unwrap();
+    let (manifest_url, data) = serve_sample(sample, types).await;
+    let submission = Submission::completed("node-loss", "node-loss-1", &manifest_url, &data);
+    let (code, body) = submission
+        .kick_off(http, &format!("{base}/$bulk-submit"))
+        .await;
     assert_eq!(code, StatusCode::OK, "$bulk-submit: {body}");
-    json!({
-        "resourceType": "Parameters",
-        "parameter": [
-            {"name": "submitter", "valueIdentifier": submitter},
-            {"name": "submissionId", "valueString": "node-loss-1"},
-        ],
-    })
+    submission.status_request
 }
 
 /// `$bulk-submit-status`, then its status URL polled until it settles:

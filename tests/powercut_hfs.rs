@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use hfs_support::*;
 use lossyfs::{LossyFs, Options};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// The sample's types that are loaded and exported: no conditional
 /// references among them, 579 resources.
@@ -272,34 +272,6 @@ struct Report {
     /// Whether `export-store verify` passed after each cut (this store).
     verified: Vec<bool>,
     cuts: Vec<String>,
-}
-
-/// A Bulk Data provider on 127.0.0.1:0 serving `files` by name.
-async fn provider(files: BTreeMap<String, (String, Vec<u8>)>) -> String {
-    use axum::extract::{Path, State};
-    use axum::http::{header, StatusCode as S};
-    use axum::response::IntoResponse;
-
-    type Files = std::sync::Arc<BTreeMap<String, (String, Vec<u8>)>>;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = axum::Router::new()
-        .route(
-            "/{name}",
-            axum::routing::get(
-                |State(files): State<Files>, Path(name): Path<String>| async move {
-                    match files.get(&name) {
-                        Some((ct, body)) => {
-                            ([(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response()
-                        }
-                        None => S::NOT_FOUND.into_response(),
-                    }
-                },
-            ),
-        )
-        .with_state(std::sync::Arc::new(files));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    base
 }
 
 /// Cuts the power, kills the server, unmounts and mounts what survived;
@@ -606,59 +578,10 @@ fn scenario(output: Output) -> Report {
     // A bulk submit, cut once some of its receipts are finished.
     let submit_before = finalized(output, &data);
     let status_request = rt.block_on(async {
-        let ndjson = |rs: &[Value]| rs.iter().map(|r| format!("{r}\n")).collect::<String>().into_bytes();
-        let ct = "application/fhir+ndjson".to_string();
-        let mut files = BTreeMap::new();
-        let mut entries = Vec::new();
-        for t in TYPES {
-            files.insert(format!("{t}.ndjson"), (ct.clone(), ndjson(&sample.resources[*t])));
-        }
-        let data_base = provider(files).await;
-        for t in TYPES {
-            entries.push(json!({"type": t, "url": format!("{data_base}/{t}.ndjson"), "count": sample.resources[*t].len()}));
-        }
-        let manifest = json!({
-            "transactionTime": "2025-01-01T00:00:00Z",
-            "request": format!("{data_base}/$export"),
-            "requiresAccessToken": false,
-            "output": entries,
-            "error": [],
-        });
-        let meta_base = provider(BTreeMap::from([(
-            "manifest.json".to_string(),
-            ("application/json".to_string(), manifest.to_string().into_bytes()),
-        )]))
-        .await;
-        let submitter = json!({"system": "https://example.org/providers", "value": "powercut"});
-        let kickoff = json!({
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "submitter", "valueIdentifier": submitter},
-                {"name": "submissionId", "valueString": "powercut-1"},
-                {"name": "manifestUrl", "valueString": format!("{meta_base}/manifest.json")},
-                {"name": "fhirBaseUrl", "valueString": format!("{data_base}/fhir")},
-                {"name": "submissionStatus", "valueCoding": {
-                    "system": "http://hl7.org/fhir/event-status", "code": "completed"}},
-            ],
-        });
-        let r = http
-            .post(hfs.url("/$bulk-submit"))
-            .header("content-type", "application/fhir+json")
-            .body(kickoff.to_string())
-            .send()
-            .await
-            .unwrap();
-        let code = r.status();
-        let body = r.text().await.unwrap();
-        assert_eq!(code, StatusCode::OK, "$bulk-submit: {body}\n{}", hfs.log_tail());
-        let status_request = json!({
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "submitter", "valueIdentifier": submitter},
-                {"name": "submissionId", "valueString": "powercut-1"},
-            ],
-        });
-        status_request
+        let (manifest_url, data_base) = serve_sample(&sample, TYPES).await;
+        let submission = Submission::completed("powercut", "powercut-1", &manifest_url, &data_base);
+        submission.submit_to(&http, &hfs).await;
+        submission.status_request
     });
     let reached = wait_for(
         "a finished receipt of the submission",

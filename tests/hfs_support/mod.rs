@@ -1,7 +1,8 @@
-//! For tests/hfs.rs: the real `export-store hfs` binary (HFS 0.2.7 with this
-//! crate's store) started on 127.0.0.1:0, the vendored Synthea sample loaded
-//! into it over FHIR REST, and the Bulk Data client side: kick-off, polling,
-//! manifests, downloads, and exactly-once checks.
+//! For the tests that run HFS: the real `export-store hfs` binary (HFS 0.2.7
+//! with this crate's store) started on 127.0.0.1:0, the vendored Synthea
+//! sample loaded into it over FHIR REST, the Bulk Data client side
+//! (kick-off, polling, manifests, downloads, exactly-once checks) and a
+//! Data Provider for bulk submits.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -972,6 +973,175 @@ pub async fn status_of(http: &reqwest::Client, method: Method, url: &str) -> (St
         .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let status = r.status();
     (status, r.text().await.unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------
+// Bulk submit, from a Data Provider served by the test
+// ---------------------------------------------------------------------------
+
+/// A Data Provider: files served by name on 127.0.0.1:0; records what it
+/// was asked for (`GET /name`).
+pub struct Provider {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// Each request, in order.
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// Serves `files` (name → content type, body) until the runtime ends; a
+/// name it does not hold is 404.
+pub async fn provider(files: BTreeMap<String, (String, Vec<u8>)>) -> Provider {
+    use axum::extract::{Path, State};
+    use axum::http::{header, StatusCode as S};
+    use axum::response::IntoResponse;
+    use std::sync::{Arc, Mutex};
+
+    type Files = Arc<BTreeMap<String, (String, Vec<u8>)>>;
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = requests.clone();
+    let app = axum::Router::new()
+        .route(
+            "/{name}",
+            axum::routing::get(
+                move |State(files): State<Files>,
+                      method: axum::http::Method,
+                      Path(name): Path<String>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(format!("{method} /{name}"));
+                        match files.get(&name) {
+                            Some((ct, body)) => {
+                                ([(header::CONTENT_TYPE, ct.clone())], body.clone()).into_response()
+                            }
+                            None => S::NOT_FOUND.into_response(),
+                        }
+                    }
+                },
+            ),
+        )
+        .with_state(Arc::new(files));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Provider { base, requests }
+}
+
+/// Resources as NDJSON, one line each.
+pub fn ndjson_of(resources: &[Value]) -> Vec<u8> {
+    resources
+        .iter()
+        .map(|r| format!("{r}\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// `manifest` (a Bulk Data manifest, which names the data provider's
+/// address) served as `manifest.json` by a provider of its own: the
+/// manifest's URL and that provider.
+pub async fn serve_manifest(manifest: &Value) -> (String, Provider) {
+    let meta = provider(BTreeMap::from([(
+        "manifest.json".to_string(),
+        (
+            "application/json".to_string(),
+            manifest.to_string().into_bytes(),
+        ),
+    )]))
+    .await;
+    (format!("{}/manifest.json", meta.base), meta)
+}
+
+/// The sample's `types`, each served as `{Type}.ndjson` by one provider,
+/// and a manifest listing them (with their counts) by another: the
+/// manifest's URL and the data provider's base.
+pub async fn serve_sample(sample: &Sample, types: &[&str]) -> (String, String) {
+    let ct = "application/fhir+ndjson".to_string();
+    let files = types
+        .iter()
+        .map(|t| {
+            let body = ndjson_of(&sample.resources[*t]);
+            (format!("{t}.ndjson"), (ct.clone(), body))
+        })
+        .collect();
+    let data = provider(files).await.base;
+    let output: Vec<Value> = types
+        .iter()
+        .map(|t| {
+            json!({"type": t, "url": format!("{data}/{t}.ndjson"),
+                   "count": sample.resources[*t].len()})
+        })
+        .collect();
+    let manifest = json!({
+        "transactionTime": "2025-01-01T00:00:00Z",
+        "request": format!("{data}/$export"),
+        "requiresAccessToken": false,
+        "output": output,
+        "error": [],
+    });
+    (serve_manifest(&manifest).await.0, data)
+}
+
+/// A `$bulk-submit` of a completed submission and the
+/// `$bulk-submit-status` request that asks after it.
+pub struct Submission {
+    /// The kick-off's Parameters.
+    pub kickoff: Value,
+    /// The status request's Parameters (submitter and submission id).
+    pub status_request: Value,
+}
+
+impl Submission {
+    /// Submission `id` from submitter `value` (system
+    /// `https://example.org/providers`): the manifest at `manifest_url`,
+    /// the provider's FHIR base `{data}/fhir`.
+    pub fn completed(value: &str, id: &str, manifest_url: &str, data: &str) -> Submission {
+        let submitter = json!({"system": "https://example.org/providers", "value": value});
+        Submission {
+            kickoff: json!({
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "submitter", "valueIdentifier": submitter},
+                    {"name": "submissionId", "valueString": id},
+                    {"name": "manifestUrl", "valueString": manifest_url},
+                    {"name": "fhirBaseUrl", "valueString": format!("{data}/fhir")},
+                    {"name": "submissionStatus", "valueCoding": {
+                        "system": "http://hl7.org/fhir/event-status", "code": "completed"}},
+                ],
+            }),
+            status_request: json!({
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "submitter", "valueIdentifier": submitter},
+                    {"name": "submissionId", "valueString": id},
+                ],
+            }),
+        }
+    }
+
+    /// POSTs the kick-off to `url` (a server's `…/$bulk-submit`): its
+    /// status and body.
+    pub async fn kick_off(&self, http: &reqwest::Client, url: &str) -> (StatusCode, String) {
+        let r = http
+            .post(url)
+            .header("content-type", "application/fhir+json")
+            .body(self.kickoff.to_string())
+            .send()
+            .await
+            .unwrap();
+        let code = r.status();
+        (code, r.text().await.unwrap())
+    }
+
+    /// Kicks the submission off at `hfs`, which must accept it (200);
+    /// otherwise fails with its answer and the server's log.
+    pub async fn submit_to(&self, http: &reqwest::Client, hfs: &Hfs) {
+        let (code, body) = self.kick_off(http, &hfs.url("/$bulk-submit")).await;
+        assert_eq!(
+            code,
+            StatusCode::OK,
+            "$bulk-submit: {body}\n{}",
+            hfs.log_tail()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
