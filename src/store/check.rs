@@ -55,37 +55,48 @@ impl PartCheck {
     /// The next chunk's content, already decoded, which starts at byte
     /// `offset` of the part.
     pub fn push_content(&mut self, offset: u64, content: &[u8]) -> StorageResult<()> {
+        self.expect_offset(offset)?;
+        self.take(offset, content)
+    }
+
+    /// The next chunk row as stored: refused if it does not start where the
+    /// previous one ended, then its frame is decoded (to exactly its
+    /// recorded length, or the chunk is refused) and its content checked
+    /// as [`PartCheck::push_content`] does; the frame's bytes are counted.
+    pub fn push_frame(&mut self, chunk: &ChunkRow) -> StorageResult<()> {
+        self.expect_offset(chunk.raw_offset)?;
         let seq = self.seen;
-        if offset != self.received {
-            return Err(StorageError::corrupt(
-                self.op,
-                format!(
-                    "chunk {seq} starts at byte {offset} where byte {} was expected",
-                    self.received
-                ),
-            ));
+        let mut buf = std::mem::take(&mut self.buf);
+        let taken = codec::decompress_into(&chunk.frame, chunk.raw_len as usize, &mut buf)
+            .map_err(|e| StorageError::corrupt(self.op, format!("chunk {seq}: {}", e.message())))
+            .and_then(|()| self.take(chunk.raw_offset, &buf));
+        self.buf = buf;
+        taken?;
+        self.stored += chunk.frame.len() as u64;
+        Ok(())
+    }
+
+    fn expect_offset(&self, offset: u64) -> StorageResult<()> {
+        if offset == self.received {
+            return Ok(());
         }
+        Err(StorageError::corrupt(
+            self.op,
+            format!(
+                "chunk {} starts at byte {offset} where byte {} was expected",
+                self.seen, self.received
+            ),
+        ))
+    }
+
+    /// Hashes and counts the next chunk's content (its offset checked).
+    fn take(&mut self, offset: u64, content: &[u8]) -> StorageResult<()> {
         let alg = self.row.digest_algorithm;
         if let Some(h) = self.hasher.as_mut() {
             h.push(content, hash_chunk(alg, offset, content))?;
         }
         self.received += content.len() as u64;
         self.seen += 1;
-        Ok(())
-    }
-
-    /// The next chunk row as stored: its frame is decoded (to exactly its
-    /// recorded length, or the chunk is refused) and its content checked
-    /// as [`PartCheck::push_content`] does; the frame's bytes are counted.
-    pub fn push_frame(&mut self, chunk: &ChunkRow) -> StorageResult<()> {
-        let seq = self.seen;
-        let mut buf = std::mem::take(&mut self.buf);
-        let checked = codec::decompress_into(&chunk.frame, chunk.raw_len as usize, &mut buf)
-            .map_err(|e| StorageError::corrupt(self.op, format!("chunk {seq}: {}", e.message())))
-            .and_then(|()| self.push_content(chunk.raw_offset, &buf));
-        self.buf = buf;
-        checked?;
-        self.stored += chunk.frame.len() as u64;
         Ok(())
     }
 
@@ -263,6 +274,11 @@ mod tests {
         let mut bad = cs.clone();
         bad[1].raw_len += 1;
         assert!(refusal(&row, &bad, None).starts_with("chunk 1:"));
+        // A chunk out of place is refused before its frame is decoded.
+        let mut bad = cs.clone();
+        bad[1].raw_offset += 1;
+        bad[1].frame = b"not a frame".to_vec();
+        assert!(refusal(&row, &bad, None).contains("chunk 1 starts at byte 17"));
         // A frame that is not zstd at all.
         let mut bad = cs.clone();
         bad[0].frame = b"not a frame".to_vec();
