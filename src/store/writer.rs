@@ -806,8 +806,8 @@ impl PartSink {
     /// at the back of the frame's queue, and the buffer, go to the new
     /// chunk until both halves are about even; the frame ends with the
     /// rest. Both run at once, on two cores, and both chunks are held for
-    /// the publishing transaction. Returns whether it did (it needs two chunk slots at once);
-    /// if not, the chunk goes to one worker as usual.
+    /// the publishing transaction. Returns whether it did (it needs two
+    /// chunk slots at once); if not, the chunk goes to one worker as usual.
     fn split_last(&mut self) -> bool {
         let Some(frame) = self.frame.clone() else {
             return false;
@@ -826,7 +826,7 @@ impl PartSink {
         };
         // The back of the frame's queue moves to the tail chunk while that
         // evens the two out.
-        let mut moved: VecDeque<Vec<u8>> = VecDeque::new();
+        let moved: VecDeque<Vec<u8>>;
         let mut tail = self.buf.len();
         let (end, task) = self.frame_end(self.dispatched_bytes);
         {
@@ -837,9 +837,8 @@ impl PartSink {
             if tail < PIECE / 2 {
                 return false;
             }
-            for _ in 0..take {
-                moved.push_front(st.pieces.pop_back().expect("counted"));
-            }
+            let at = st.pieces.len() - take;
+            moved = st.pieces.split_off(at);
             st.end = Some(end);
         }
         let moved_bytes: usize = moved.iter().map(Vec::len).sum();
@@ -889,8 +888,7 @@ impl PartSink {
         let Some(frame) = self.ended.clone() else {
             return false;
         };
-        let mut moved: VecDeque<Vec<u8>> = VecDeque::new();
-        {
+        let (moved, slot) = {
             let mut st = frame.state();
             // Its job has taken the end: it is ending the frame now.
             if st.end.is_none() || st.failed.is_some() {
@@ -903,14 +901,12 @@ impl PartSink {
             let Ok(slot) = compressor::writer_slots().clone().try_acquire_owned() else {
                 return false;
             };
-            for _ in 0..take {
-                moved.push_front(st.pieces.pop_back().expect("counted"));
-            }
-            drop(st);
-            // The earlier chunk is shorter by what moved.
-            self.dispatched_bytes -= moved.iter().map(Vec::len).sum::<usize>() as u64;
-            self.dispatch_with_buffer(moved, slot);
-        }
+            let at = st.pieces.len() - take;
+            (st.pieces.split_off(at), slot)
+        };
+        // The earlier chunk is shorter by what moved.
+        self.dispatched_bytes -= moved.iter().map(Vec::len).sum::<usize>() as u64;
+        self.dispatch_with_buffer(moved, slot);
         true
     }
 
