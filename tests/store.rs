@@ -18,6 +18,20 @@ fn synthea(file: &str) -> Vec<u8> {
     sample::synthea_file(file).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Asserts that a part of `bytes` written with the default 1 MiB chunks
+/// has one chunk per started MiB, or one more: at finalize the last chunk
+/// is cut in two when more than 256 KiB of it was still to compress, or
+/// the one before gives its waiting pieces to the last (lines arrived
+/// faster than one chunk worker compresses them), which moves a boundary
+/// and adds no chunk.
+fn assert_default_chunks(chunks: u64, bytes: usize, what: &str) {
+    let whole = (bytes as u64).div_ceil(1 << 20);
+    assert!(
+        chunks == whole || chunks == whole + 1,
+        "{what}: {chunks} chunks for {bytes} bytes"
+    );
+}
+
 /// The plain hash of `bytes` by an implementation of `algorithm` other than
 /// the store's path: what `b3sum` or `xxhsum -H2` prints.
 fn reference_digest(algorithm: DigestAlgorithm, bytes: &[u8]) -> String {
@@ -62,18 +76,7 @@ async fn synthea_export_round_trips_file_by_file() {
             (want.as_str(), DigestAlgorithm::Xxh3_128),
             "{ty}: digest is the XXH3-128 of the NDJSON (what xxhsum -H2 prints)"
         );
-        // 1 MiB chunks; at finalize the last one is cut in two when more
-        // than 256 KiB of it was still to compress, or the one before
-        // gives its waiting pieces to the last (lines arrived faster than
-        // one chunk worker compresses them), which moves a boundary and
-        // adds no chunk.
-        let whole = (data.len() as u64).div_ceil(1 << 20);
-        assert!(
-            info.chunk_count == whole || info.chunk_count == whole + 1,
-            "{ty}: {} chunks for {} bytes",
-            info.chunk_count,
-            data.len()
-        );
+        assert_default_chunks(info.chunk_count, data.len(), &ty);
         raw += info.size_bytes;
         stored += info.stored_bytes;
         files += 1;
@@ -117,19 +120,20 @@ async fn parts_written_at_once_read_back_whole_at_every_size() {
     // timing: each size is written several times.
     let rounds = 6;
     for (i, size) in (0..rounds).flat_map(|_| sizes).enumerate() {
-        let mut want = Vec::with_capacity(size + 4096);
-        let made: Vec<String> = lines
+        // The lines are made before the writer is opened, as HFS makes a
+        // batch: the first that reach `size` bytes, newlines included.
+        let mut made: Vec<String> = Vec::new();
+        let mut bytes = 0;
+        for line in lines.iter().cycle() {
+            if bytes >= size {
+                break;
+            }
+            bytes += line.len() + 1;
+            made.push(line.to_string());
+        }
+        let want: Vec<u8> = made
             .iter()
-            .cycle()
-            .take_while(|l| {
-                let go = want.len() < size;
-                if go {
-                    want.extend_from_slice(l.as_bytes());
-                    want.push(b'\n');
-                }
-                go
-            })
-            .map(|l| l.to_string())
+            .flat_map(|l| [l.as_bytes(), b"\n"].concat())
             .collect();
         let key = ExportPartKey::output("t", ExportJobId::from("j"), "Observation", i as u32, 1);
         let mut w = store.open_writer(&key).await.unwrap();
@@ -144,13 +148,7 @@ async fn parts_written_at_once_read_back_whole_at_every_size() {
         );
         let info = store.part_info(&key).await.unwrap();
         assert_eq!(info.size_bytes, want.len() as u64);
-        let whole = (want.len() as u64).div_ceil(1 << 20);
-        assert!(
-            info.chunk_count == whole || info.chunk_count == whole + 1,
-            "{} chunks for {} bytes",
-            info.chunk_count,
-            want.len()
-        );
+        assert_default_chunks(info.chunk_count, want.len(), "written at once");
     }
     let report = store.verify().await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
@@ -824,7 +822,7 @@ async fn the_last_chunk_published_with_its_part_reads_back_whole() {
         Slowly,
     }
     use Arrive::*;
-    let cases = [
+    let mut cases = vec![
         (0, AtOnce),
         (1, AtOnce),
         (100 << 10, AtOnce),
@@ -832,21 +830,20 @@ async fn the_last_chunk_published_with_its_part_reads_back_whole() {
         (chunk, AtOnce),
         (2 * chunk, AtOnce),
         (chunk + (700 << 10), AtOnce),
-        // Whether a finalize finds more than 256 KiB still to compress
-        // depends on timing: the one-chunk cases come three times each.
-        (chunk - 3000, Lines),
-        ((chunk / 2) + 1000, Lines),
-        (chunk - 3000, Lines),
-        ((chunk / 2) + 1000, Lines),
-        (chunk - 3000, Lines),
-        ((chunk / 2) + 1000, Lines),
+    ];
+    // Whether a finalize finds more than 256 KiB still to compress depends
+    // on timing: the one-chunk cases come three times each.
+    for _ in 0..3 {
+        cases.extend([(chunk - 3000, Lines), ((chunk / 2) + 1000, Lines)]);
+    }
+    cases.extend([
         (2 * chunk - 5, Lines),
         (chunk + 5, Slowly),
         (chunk + (300 << 10), Slowly),
         (2 * chunk + (64 << 10), Slowly),
-    ];
+    ]);
     let mut split = 0;
-    for (n, (len, arrive)) in cases.into_iter().enumerate() {
+    for (n, &(len, arrive)) in cases.iter().enumerate() {
         let data = &text[..len];
         let key = ExportPartKey::output("default", job.clone(), "P", n as u32, 1);
         let mut w = store.open_writer(&key).await.unwrap();
