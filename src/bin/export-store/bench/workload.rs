@@ -621,52 +621,6 @@ pub fn fsync_times(dir: &Path, bytes: usize, n: usize) -> BenchResult<Vec<Durati
     Ok(times)
 }
 
-/// What compressing `part` alone costs, `n` times: its NDJSON cut in two
-/// halves, each compressed into one zstd frame at `level` by its own thread
-/// (a compression context and an output buffer kept from one time to the
-/// next, as the store's workers keep theirs), both at once: the store's two
-/// cores at work on nothing else. The floor of a finalize that finds the
-/// whole part still to compress; a finalize that finds less left owes that
-/// fraction of it.
-pub fn compress_on_two_cores(part: &Part, level: i32, n: usize) -> BenchResult<Vec<Duration>> {
-    use std::sync::Barrier;
-    let mut text = String::with_capacity(part.bytes() as usize);
-    for line in part.lines() {
-        text.push_str(line);
-        text.push('\n');
-    }
-    let (a, b) = text.as_bytes().split_at(text.len() / 2);
-    // Start and end of each time: the two threads and this one.
-    let gate = Barrier::new(3);
-    let work = |half: &[u8]| -> std::io::Result<()> {
-        let mut z = zstd::bulk::Compressor::new(level)?;
-        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(half.len()));
-        for _ in 0..n {
-            gate.wait();
-            out.clear();
-            let done = z.compress_to_buffer(half, &mut out);
-            gate.wait();
-            done?;
-        }
-        Ok(())
-    };
-    let mut times = Vec::with_capacity(n);
-    std::thread::scope(|s| -> BenchResult<()> {
-        let threads = [s.spawn(|| work(a)), s.spawn(|| work(b))];
-        for _ in 0..n {
-            gate.wait();
-            let t = Instant::now();
-            gate.wait();
-            times.push(t.elapsed());
-        }
-        for t in threads {
-            t.join().map_err(|_| "a compression thread panicked")??;
-        }
-        Ok(())
-    })?;
-    Ok(times)
-}
-
 /// Reads the part under `key` to its end through a [`READ_BUFFER`]; returns
 /// the bytes read.
 pub async fn read_part(
